@@ -1,0 +1,1 @@
+"""Data: sources, prepare (splits, stats, version), shards (write, verify), loader."""

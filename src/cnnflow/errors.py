@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Anything raised as a `CnnflowError` is a mistake in the user's input (a path, a key, a
+value, a file's content). The CLI prints it as one line and exits non-zero; it is never
+shown as a traceback. Bugs in cnnflow itself stay ordinary exceptions.
+"""
+
+from __future__ import annotations
+
+
+class CnnflowError(Exception):
+    """A user mistake: the message names the file, key or value and what was expected."""
+
+    exit_code = 2
+
+
+class ConfigError(CnnflowError):
+    """A params.yaml key or an override is unknown, of the wrong type or out of range."""
+
+
+class DataError(CnnflowError):
+    """An input data set is missing, malformed or cannot be split as asked."""
+
+
+class ShardError(CnnflowError):
+    """A shard directory does not match its manifest or cannot be read."""
