@@ -66,6 +66,7 @@ class PrepareConfig:
     """Processes for generating/encoding (synthetic and imagefolder); 1 = in-process."""
 
     def __post_init__(self) -> None:
+        _check(self.seed >= 0, "prepare.seed", "an int >= 0", self.seed)
         for name in ("train_ratio", "val_ratio", "test_ratio"):
             value = getattr(self, name)
             _check(0.0 < value < 1.0, f"prepare.{name}", "a ratio in (0, 1)", value)
@@ -143,12 +144,180 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
+class ParallelConfig:
+    """Parallelism as degrees: dp x pp x fsdp = world size."""
+
+    dp: int = 0
+    """Data-parallel replicas (0 = world size / (pp x fsdp))."""
+    pp: int = 1
+    """Pipeline stages (model parallel)."""
+    fsdp: int = 1
+    """Fully-sharded data-parallel degree."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """auto = nccl on CUDA, gloo on CPU."""
+    init_timeout_s: float = 60.0
+    """Seconds to wait for MASTER_ADDR:MASTER_PORT and every rank before failing."""
+    bucket_mb: float = 25.0
+    """DDP gradient bucket in MiB (25 = DDP's default; smaller buckets start all-reduce
+    earlier in backward but cost more calls)."""
+    comm_hook: Literal["none", "bf16", "fp16", "powersgd"] = "none"
+    """DDP communication hook: compress gradients to bf16/fp16, or PowerSGD low-rank."""
+    powersgd_rank: int = 1
+    """PowerSGD matrix approximation rank (1-4 is typical)."""
+    powersgd_start_step: int = 10
+    """Plain all-reduce for this many steps before PowerSGD starts (warm start)."""
+    local_sgd_period: int = 0
+    """Local SGD: 0 = off; k >= 1 = ranks step independently and average parameters
+    every k steps (no gradient all-reduce in between)."""
+    local_sgd_start_step: int = 0
+    """Steps of ordinary DDP before local SGD starts."""
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "pp", "fsdp"):
+            value = getattr(self, name)
+            low = 0 if name == "dp" else 1
+            _check(value >= low, f"parallel.{name}", f"an int >= {low}", value)
+        _check(self.init_timeout_s > 0, "parallel.init_timeout_s", "> 0 seconds",
+               self.init_timeout_s)
+        _check(self.bucket_mb > 0, "parallel.bucket_mb", "> 0 MiB", self.bucket_mb)
+        _check(self.powersgd_rank >= 1, "parallel.powersgd_rank", "an int >= 1",
+               self.powersgd_rank)
+        _check(self.powersgd_start_step >= 0, "parallel.powersgd_start_step", "an int >= 0",
+               self.powersgd_start_step)
+        _check(self.local_sgd_period >= 0, "parallel.local_sgd_period", "an int >= 0",
+               self.local_sgd_period)
+        _check(self.local_sgd_start_step >= 0, "parallel.local_sgd_start_step",
+               "an int >= 0", self.local_sgd_start_step)
+        _check(not (self.local_sgd_period and self.comm_hook != "none"),
+               "parallel.comm_hook", "'none' when parallel.local_sgd_period > 0",
+               self.comm_hook)
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    """Peak learning rate for the reference batch `base_batch_size` (see scale_lr)."""
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    scale_lr: bool = False
+    """Linear scaling rule (Goyal et al. 2017): lr x global_batch / base_batch_size."""
+    base_batch_size: int = 256
+    warmup_steps: int = 0
+    """Linear warmup from lr/10 to the peak over this many steps (Goyal et al.: ~5 epochs
+    when scaling lr to large batches)."""
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    step_epochs: int = 30
+    """schedule=step: multiply lr by `gamma` every this many epochs."""
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", "a number > 0", self.lr)
+        _check(0 <= self.momentum < 1, "optim.momentum", "a number in [0, 1)", self.momentum)
+        _check(self.weight_decay >= 0, "optim.weight_decay", "a number >= 0",
+               self.weight_decay)
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               "two numbers in [0, 1)", self.betas)
+        _check(self.base_batch_size >= 1, "optim.base_batch_size", "an int >= 1",
+               self.base_batch_size)
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "an int >= 0", self.warmup_steps)
+        _check(self.step_epochs >= 1, "optim.step_epochs", "an int >= 1", self.step_epochs)
+        _check(0 < self.gamma <= 1, "optim.gamma", "a number in (0, 1]", self.gamma)
+        _check(0 <= self.label_smoothing < 1, "optim.label_smoothing", "a number in [0, 1)",
+               self.label_smoothing)
+        _check(not (self.nesterov and self.name == "sgd" and self.momentum == 0),
+               "optim.nesterov", "false when optim.momentum is 0", self.nesterov)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The training run: data, batch, precision, outputs."""
+
+    shards: str = ""
+    """Shard directory or file:// URI ("" = shard.out_dir)."""
+    out_dir: str = "outputs/train"
+    """Final model (model.pt + model.json), metrics.jsonl, traces."""
+    epochs: int = 12
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run all epochs)."""
+    batch_size: int = 64
+    """Global batch per optimizer step, over all data-parallel ranks and accumulation."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (DDP skips the all-reduce with no_sync)."""
+    streams: int = 0
+    """Data streams the global batch is drawn from (0 = one per rank). Set it to a
+    multiple of every world size you use (e.g. 4) and the same seed gives the same global
+    batches, and so the same losses, with 1, 2 or 4 processes."""
+    seed: int = 0
+    loader_workers: int = 0
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    augment: bool = True
+    """Random crop (padding 1/8 of the size) and, when `flip`, horizontal flip."""
+    flip: bool = False
+    """Horizontal flip: off for digits (a flipped 2 is no 2); on for natural images."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 = autocast the forward pass to bfloat16 (CPU and CUDA)."""
+    channels_last: bool = False
+    compile: bool = False
+    """torch.compile the model (slow first steps; pays off on long GPU runs)."""
+    threads: int = 0
+    """Intra-op threads per process (0 = available cores / local processes)."""
+    log_every: int = 10
+    """Log step metrics every this many steps."""
+    profile_steps: int = 0
+    """Record a torch.profiler Chrome trace of this many steps on every rank (0 = off)."""
+    profile_wait: int = 2
+    """Steps to skip before the profiled ones (warm-up)."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
+            value = getattr(self, name)
+            _check(value >= 1, f"train.{name}", "an int >= 1", value)
+        _check(self.seed >= 0, "train.seed", "an int >= 0", self.seed)
+        for name in ("max_steps", "streams", "loader_workers", "threads", "profile_steps",
+                     "profile_wait"):
+            value = getattr(self, name)
+            _check(value >= 0, f"train.{name}", "an int >= 0", value)
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Atomic checkpoints and automatic resume."""
+
+    dir: str = "outputs/checkpoints"
+    every_steps: int = 0
+    """Also checkpoint every this many steps (0 = only at each epoch end)."""
+    keep: int = 3
+    """Complete checkpoints to keep (oldest deleted first)."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in `dir` when there is one."""
+    fresh: bool = False
+    """Start from scratch even if `dir` holds a checkpoint of another model or data set
+    (those are refused otherwise). Existing checkpoints are moved aside, not deleted."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 0, "checkpoint.every_steps", "an int >= 0",
+               self.every_steps)
+        _check(self.keep >= 1, "checkpoint.keep", "an int >= 1", self.keep)
+
+
+@dataclass(kw_only=True)
 class Params:
     """All sections of params.yaml."""
 
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 # ---------------------------------------------------------------------------- loading

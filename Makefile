@@ -1,0 +1,39 @@
+# The two commands of the README: `make run` and `make test`. Both create .venv when it
+# is missing. torch is installed first and pinned to the CPU wheel: any looser spec would
+# pull a multi-GB CUDA build.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.cnnflow-installed
+TORCH := torch==2.13.0
+
+.PHONY: run test lint bench mlflow-ui clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## run: the whole pipeline on the embedded defaults (digits)
+run: $(STAMP)
+	$(VENV)/bin/cnnflow prepare
+	$(VENV)/bin/cnnflow shard
+	$(VENV)/bin/cnnflow verify
+	@echo "outputs: data/prepared/ (dataset.json, *.npy), data/shards/ (manifest.json, *.tar)"
+
+## test: the whole suite (unit, distributed, pipeline)
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+
+## bench: every benchmark in bench/, each printing ratios against its baseline
+bench: $(STAMP)
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf data/prepared data/shards outputs reports

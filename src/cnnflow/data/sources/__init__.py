@@ -1,0 +1,45 @@
+"""Data sources: each turns a `PrepareConfig` into a `SourceData` that `prepare` splits.
+
+    data = open_source(cfg, scratch=Path("out.tmp-1234/.scratch"))
+    data.labels          # int64 (N,), index into data.classes
+    for chunk in data.read_chunks():   # uint8 (n, H, W, C), original order, all N rows
+        ...
+
+A source knows its labels up front (the split needs them before any image is written)
+and yields images in bounded chunks, so a million-image set never sits in memory whole.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cnnflow.config import PrepareConfig
+from cnnflow.data.sources.base import SourceData, check_native_shape
+from cnnflow.errors import DataError
+
+__all__ = ["SourceData", "check_native_shape", "open_source"]
+
+
+def open_source(
+    cfg: PrepareConfig, scratch: Path, *, show_progress: bool | None = None
+) -> SourceData:
+    """Read (or plan the generation of) `cfg.source`.
+
+    `scratch` is an empty directory inside prepare's temporary output directory; sources
+    that must decode everything before the split is known (imagefolder) park their pixels
+    there, so they are removed with the temporary directory on success or failure.
+    """
+    from cnnflow.data.sources import cifar, digits, idx, imagefolder, synthetic
+
+    openers = {
+        "digits": lambda: digits.open_digits(cfg),
+        "synthetic": lambda: synthetic.open_synthetic(cfg),
+        "imagefolder": lambda: imagefolder.open_imagefolder(cfg, scratch, show_progress),
+        "idx": lambda: idx.open_idx(cfg),
+        "cifar": lambda: cifar.open_cifar(cfg),
+    }
+    if cfg.source not in openers:
+        raise DataError(f"prepare.source: expected one of {', '.join(openers)}, got {cfg.source!r}")
+    if cfg.source in ("imagefolder", "idx", "cifar") and not Path(cfg.path).is_dir():
+        raise DataError(f"{cfg.path}: prepare.path for source {cfg.source!r} is not a directory")
+    return openers[cfg.source]()
