@@ -22,7 +22,9 @@ run: $(STAMP)
 	$(VENV)/bin/cnnflow prepare
 	$(VENV)/bin/cnnflow shard
 	$(VENV)/bin/cnnflow verify
-	@echo "outputs: data/prepared/ (dataset.json, *.npy), data/shards/ (manifest.json, *.tar)"
+	$(VENV)/bin/python -m torch.distributed.run --standalone --nproc_per_node=2 -m cnnflow.train
+	@echo "outputs: data/prepared/ (dataset.json), data/shards/ (manifest.json, *.tar)," \
+	  "outputs/train/ (model.pt, model.json, metrics.jsonl), outputs/checkpoints/"
 
 ## test: the whole suite (unit, distributed, pipeline)
 test: $(STAMP)

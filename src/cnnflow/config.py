@@ -241,6 +241,9 @@ class TrainConfig:
 
     shards: str = ""
     """Shard directory or file:// URI ("" = shard.out_dir)."""
+    dataset_version: str = ""
+    """Expected dataset version (sha256 from prepare); shards of another version are
+    refused. "" = train on whatever version the shards hold."""
     out_dir: str = "outputs/train"
     """Final model (model.pt + model.json), metrics.jsonl, traces."""
     epochs: int = 12

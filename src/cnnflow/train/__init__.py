@@ -1,0 +1,1 @@
+"""Training: the pure step (loop), the wiring (trainer), checkpoints."""

@@ -1,0 +1,152 @@
+"""Atomic checkpoints: write to a temporary file, fsync, rename; keep the last K.
+
+A checkpoint file is complete or absent: a crash (or SIGKILL, or Ctrl-C) while writing
+leaves only a `*.tmp` file, which is ignored and cleaned up. The newest complete
+checkpoint is found by the step number in its name, `step-00000120.pt`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cnnflow.errors import CnnflowError
+
+log = logging.getLogger("cnnflow")
+_NAME = re.compile(r"^step-(\d{8})\.pt$")
+
+
+class CheckpointMismatchError(CnnflowError):
+    """A checkpoint belongs to another model or data set."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands: enough to continue exactly where it stopped."""
+
+    step: int = 0
+    """Optimizer steps taken."""
+    epoch: int = 0
+    """Current epoch (0-based)."""
+    batch_in_epoch: int = 0
+    """Optimizer steps already taken in `epoch`: the data position to resume at."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Per-epoch metrics so far (also written as metrics.jsonl)."""
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to `path` so that readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+class Checkpointer:
+    """Saves and finds checkpoints in one directory. Only global rank 0 saves."""
+
+    def __init__(self, directory: str | Path, keep: int = 3, enabled: bool = True) -> None:
+        self.dir = Path(directory)
+        self.keep = keep
+        self.enabled = enabled
+
+    def path_for(self, step: int) -> Path:
+        return self.dir / f"step-{step:08d}.pt"
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        found = [p for p in self.dir.iterdir() if _NAME.match(p.name)]
+        return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, step: int, payload: dict[str, Any]) -> Path | None:
+        if not self.enabled:
+            return None
+        path = self.path_for(step)
+        atomic_save(payload, path)
+        for old in self.complete()[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load(self, path: Path) -> dict[str, Any]:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a truncated or foreign file
+            kind = type(exc).__name__
+            raise CnnflowError(f"{path}: not a readable checkpoint ({kind})") from None
+
+    def move_aside(self) -> Path | None:
+        """`checkpoint.fresh`: keep old checkpoints, out of the resume path."""
+        if not self.complete():
+            return None
+        aside = self.dir.with_name(f"{self.dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(str(self.dir), aside)
+        return aside
+
+
+def check_compatible(payload: dict[str, Any], model_config: dict, dataset_version: str,
+                     path: Path) -> None:
+    """Refuse to resume a checkpoint of another model or data set, naming both."""
+    theirs_model = payload.get("model_config", {})
+    if theirs_model != model_config:
+        raise CheckpointMismatchError(
+            f"{path}: checkpoint of model {_describe(theirs_model)}, configured "
+            f"{_describe(model_config)}; set checkpoint.fresh=true to start over"
+        )
+    theirs_data = payload.get("dataset_version", "")
+    if theirs_data != dataset_version:
+        raise CheckpointMismatchError(
+            f"{path}: checkpoint of dataset version {theirs_data[:12]}, shards are "
+            f"{dataset_version[:12]}; set checkpoint.fresh=true to start over"
+        )
+
+
+def _describe(cfg: dict) -> str:
+    keys = ("name", "width", "depth", "norm", "num_classes", "in_shape")
+    return "(" + ", ".join(f"{k}={cfg.get(k)}" for k in keys if k in cfg) + ")"

@@ -1,0 +1,98 @@
+"""Per-rank training batches drawn from a fixed number of data streams.
+
+The global batch of each step is assembled from `streams` equal parts, one per stream;
+stream v is the shard loader of "virtual rank" v of `streams`. A rank owns
+streams / world_size of them. So with streams = 4 the global batches, and therefore the
+losses, are the same whether 1, 2 or 4 processes train (world-size invariance), and each
+rank still reads only its own streams' shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from cnnflow.data.loader import build_loader, normalize_batch
+from cnnflow.errors import ConfigError
+from cnnflow.train.loop import augment
+
+
+def plan_streams(global_batch: int, grad_accum: int, world_size: int, streams: int) -> int:
+    """Samples per stream per micro-batch; raises ConfigError when it does not divide."""
+    streams = streams or world_size
+    if streams % world_size:
+        raise ConfigError(
+            f"train.streams={streams}: expected a multiple of the data-parallel world size "
+            f"{world_size}"
+        )
+    per_stream, rest = divmod(global_batch, streams * grad_accum)
+    if rest or per_stream == 0:
+        raise ConfigError(
+            f"train.batch_size={global_batch}: expected a multiple of streams x grad_accum = "
+            f"{streams} x {grad_accum} = {streams * grad_accum} (world size {world_size})"
+        )
+    return per_stream
+
+
+class StreamBatches:
+    """Micro-batches for one rank: its streams' loaders zipped and concatenated."""
+
+    def __init__(self, shards: str, *, global_batch: int, grad_accum: int, rank: int,
+                 world_size: int, streams: int, seed: int, num_workers: int,
+                 expected_version: str | None, mean, std, augment_images: bool,
+                 flip: bool) -> None:
+        self.streams = streams or world_size
+        per_stream = plan_streams(global_batch, grad_accum, world_size, self.streams)
+        own = self.streams // world_size
+        self.stream_ids = list(range(rank * own, (rank + 1) * own))
+        self.loaders = [
+            build_loader(shards, "train", batch_size=per_stream, rank=v,
+                         world_size=self.streams, seed=seed, num_workers=num_workers,
+                         expected_version=expected_version, verify=(i == 0), shuffle=True,
+                         drop_last=True)
+            for i, v in enumerate(self.stream_ids)
+        ]
+        self.grad_accum = grad_accum
+        self.seed = seed
+        self.mean, self.std = mean, std
+        self.augment_images, self.flip = augment_images, flip
+        self.manifest = self.loaders[0].manifest
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loaders[0]) // self.grad_accum
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[tuple]]:
+        """Yield, per optimizer step, the list of `grad_accum` (images, labels) pairs."""
+        for loader in self.loaders:
+            loader.set_epoch(epoch, start_batch=start_step * self.grad_accum)
+        iters = [iter(loader) for loader in self.loaders]
+        for step in range(start_step, self.steps_per_epoch):
+            micro = []
+            for m in range(self.grad_accum):
+                parts_x, parts_y = [], []
+                for v, it in zip(self.stream_ids, iters, strict=True):
+                    images, labels = next(it)
+                    if self.augment_images:
+                        key = np.random.SeedSequence([self.seed, epoch, step, m, v])
+                        gen = torch.Generator().manual_seed(int(key.generate_state(1)[0]))
+                        images = augment(images, gen, self.flip)
+                    parts_x.append(images)
+                    parts_y.append(labels)
+                x = torch.cat(parts_x) if len(parts_x) > 1 else parts_x[0]
+                y = torch.cat(parts_y) if len(parts_y) > 1 else parts_y[0]
+                micro.append((normalize_batch(x, self.mean, self.std), y))
+            yield micro
+
+
+def eval_batches(shards: str, split: str, *, batch_size: int, rank: int, world_size: int,
+                 mean, std, expected_version: str | None):
+    """Normalised (images, labels) of `split` for this rank, in order, nothing dropped
+    beyond the split's remainder over ranks."""
+    loader = build_loader(shards, split, batch_size=batch_size, rank=rank,
+                          world_size=world_size, seed=0, shuffle=False, drop_last=False,
+                          expected_version=expected_version, verify=False)
+    for images, labels in loader:
+        yield normalize_batch(images, mean, std), labels

@@ -1,0 +1,104 @@
+"""The pieces of a training step: augmentation, learning-rate schedule, step, evaluation.
+
+Nothing here reads files, logs to a tracker or knows how many processes there are
+beyond an optional all-reduce of sums.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from cnnflow.config import OptimConfig
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, flip: bool) -> torch.Tensor:
+    """Random crop with zero padding (1/8 of the side, at least 1 px) and optional flip.
+
+    Works on uint8 NCHW before normalisation. The offsets come from `generator`, which
+    the trainer seeds by (seed, epoch, step, stream), so a sample's augmentation does not
+    depend on the world size or on whether the run was resumed.
+    """
+    n, _, h, w = images.shape
+    pad = max(1, min(h, w) // 8)
+    padded = F.pad(images, (pad, pad, pad, pad))
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
+    flips = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    out = torch.empty_like(images)
+    for i in range(n):  # n <= a few hundred: a slice per sample is cheaper than a gather
+        dy, dx = int(offsets[i, 0]), int(offsets[i, 1])
+        crop = padded[i, :, dy : dy + h, dx : dx + w]
+        out[i] = crop.flip(-1) if flips[i] else crop
+    return out
+
+
+def build_optimizer(params, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas),
+                                 weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
+def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The configured lr, linearly scaled by global_batch / base_batch_size when asked."""
+    return cfg.lr * global_batch / cfg.base_batch_size if cfg.scale_lr else cfg.lr
+
+
+def lr_factor(cfg: OptimConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based).
+
+    Warmup rises linearly from 0.1 to 1 (Goyal et al. 2017 start at lr/k); then cosine to
+    0 over the remaining steps, a step decay every `step_epochs`, or constant.
+    """
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return 0.1 + 0.9 * step / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        span = max(1, total_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if cfg.schedule == "step":
+        return cfg.gamma ** (step // (cfg.step_epochs * max(1, steps_per_epoch)))
+    return 1.0
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def forward_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 precision: str, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits) of one micro-batch; the loss is the micro-batch mean."""
+    with autocast(precision, images.device):
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    return loss, logits
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, device: torch.device, precision: str = "fp32",
+             distributed: bool = False) -> dict[str, float]:
+    """Loss and accuracy over `batches` of (normalised images, labels), summed over ranks."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    for images, labels in batches:
+        images, labels = images.to(device), labels.to(device)
+        with autocast(precision, device):
+            logits = model(images)
+        sums[0] += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        sums[1] += (logits.argmax(1) == labels).sum().item()
+        sums[2] += labels.numel()
+    if distributed:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    count = max(1.0, sums[2].item())
+    return {"loss": sums[0].item() / count, "accuracy": sums[1].item() / count,
+            "count": sums[2].item()}
