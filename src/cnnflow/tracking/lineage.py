@@ -102,9 +102,8 @@ def detect_runner() -> str:
 
 def runtime_info() -> dict[str, str]:
     """Host, Python and library versions: what differs between a laptop and a pod."""
-    import torch
-
     import mlflow
+    import torch
 
     return {
         "cnnflow.host": socket.gethostname(),
