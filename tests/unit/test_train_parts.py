@@ -1,0 +1,105 @@
+"""Training building blocks: schedule, augmentation, checkpoints, launch environment."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from cnnflow.config import OptimConfig
+from cnnflow.distributed.env import DistributedInitError, read_env
+from cnnflow.train import loop
+from cnnflow.train.checkpoint import Checkpointer, atomic_save
+
+
+def test_warmup_then_cosine_reaches_zero():
+    cfg = OptimConfig(warmup_steps=10, schedule="cosine")
+    factors = [loop.lr_factor(cfg, s, 110, 10) for s in range(111)]
+    assert factors[0] == pytest.approx(0.1)
+    assert factors[5] == pytest.approx(0.55)
+    assert factors[10] == pytest.approx(1.0)
+    assert factors[60] == pytest.approx(0.5)
+    assert factors[110] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+
+
+def test_step_schedule_and_linear_scaling():
+    cfg = OptimConfig(schedule="step", step_epochs=2, gamma=0.5, scale_lr=True,
+                      base_batch_size=256, lr=0.1)
+    assert [loop.lr_factor(cfg, s, 100, 10) for s in (0, 19, 20, 40)] == [1, 1, 0.5, 0.25]
+    assert loop.peak_lr(cfg, 1024) == pytest.approx(0.4)
+    assert loop.peak_lr(OptimConfig(lr=0.1), 1024) == pytest.approx(0.1)
+
+
+def test_augment_is_seeded_keeps_shape_and_only_shifts():
+    images = torch.arange(2 * 1 * 8 * 8, dtype=torch.uint8).reshape(2, 1, 8, 8)
+    a = loop.augment(images, torch.Generator().manual_seed(1), flip=False)
+    b = loop.augment(images, torch.Generator().manual_seed(1), flip=False)
+    c = loop.augment(images, torch.Generator().manual_seed(2), flip=True)
+    assert torch.equal(a, b) and a.shape == images.shape and a.dtype == torch.uint8
+    assert not torch.equal(a, c)
+    # every non-zero output pixel is a pixel of the same image (a crop, not new values)
+    for i in range(2):
+        values = set(images[i].flatten().tolist()) | {0}
+        assert set(a[i].flatten().tolist()) <= values
+
+
+def test_checkpointer_keeps_last_k_and_ignores_partial_files(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=2)
+    for step in (3, 6, 9):
+        ckpt.save(step, {"step": step})
+    assert [p.name for p in ckpt.complete()] == ["step-00000006.pt", "step-00000009.pt"]
+    (tmp_path / ".step-00000012.pt.123.tmp").write_bytes(b"partial")
+    (tmp_path / "step-00000015.pt.tmp").write_bytes(b"partial")
+    assert ckpt.latest().name == "step-00000009.pt"
+    assert ckpt.load(ckpt.latest())["step"] == 9
+
+
+def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "x.pt"
+    atomic_save({"v": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError):
+        atomic_save({"v": Unpicklable()}, path)
+    assert torch.load(path)["v"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+def test_unreadable_checkpoint_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "step-00000001.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception, match=r"step-00000001\.pt: not a readable checkpoint"):
+        Checkpointer(tmp_path).load(bad)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, (0, 1, 0, 1)),
+        ({"RANK": "1", "WORLD_SIZE": "3"}, (1, 3, 0, 1)),  # PyTorchJob pod, plain python
+        ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"},
+         (3, 4, 1, 2)),  # torchrun
+    ],
+)
+def test_launch_environment_is_read(monkeypatch, env, expected):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert read_env() == expected
+
+
+def test_bad_launch_environment_names_the_variable(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(DistributedInitError, match=r"WORLD_SIZE='two': expected an integer"):
+        read_env()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(DistributedInitError, match=r"RANK=2 WORLD_SIZE=2"):
+        read_env()
+    assert os.environ["RANK"] == "2"
