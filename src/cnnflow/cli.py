@@ -70,6 +70,19 @@ def prepare(params: ParamsOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
+def raw(
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the IDX files.")] = Path(
+        "data/raw/digits"
+    ),
+) -> None:
+    """Materialise the embedded digits as raw IDX files (the pipeline's versioned input)."""
+    from cnnflow.data.raw import export_digits
+
+    for path in export_digits(out_dir):
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
 def shard(params: ParamsOpt = None, set_: SetOpt = None) -> None:
     """Write WebDataset tar shards of the prepared data set with a checksummed manifest."""
     from cnnflow.data.shards import write_shards

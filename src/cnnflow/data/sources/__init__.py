@@ -40,6 +40,8 @@ def open_source(
     }
     if cfg.source not in openers:
         raise DataError(f"prepare.source: expected one of {', '.join(openers)}, got {cfg.source!r}")
-    if cfg.source in ("imagefolder", "idx", "cifar") and not Path(cfg.path).is_dir():
+    needs_dir = cfg.source in ("imagefolder", "idx", "cifar") or (cfg.source == "digits"
+                                                                 and cfg.path)
+    if needs_dir and not Path(cfg.path).is_dir():
         raise DataError(f"{cfg.path}: prepare.path for source {cfg.source!r} is not a directory")
     return openers[cfg.source]()

@@ -6,6 +6,7 @@ import numpy as np
 
 from cnnflow.config import PrepareConfig
 from cnnflow.data.sources.base import SourceData, array_chunks, check_native_shape, split_params
+from cnnflow.errors import DataError
 
 NATIVE_SHAPE = (8, 8, 1)
 
@@ -18,9 +19,21 @@ def to_uint8(values: np.ndarray) -> np.ndarray:
 
 
 def open_digits(cfg: PrepareConfig) -> SourceData:
+    """The package's copy, or with `prepare.path` the raw IDX copy `cnnflow raw` wrote
+    (data/raw/digits): the same pixels and labels, so the same dataset version."""
+    check_native_shape(cfg, NATIVE_SHAPE)
+    if cfg.path:
+        from cnnflow.data.sources.idx import open_idx
+
+        data = open_idx(cfg)
+        if data.image_shape != NATIVE_SHAPE:
+            raise DataError(
+                f"{cfg.path}: digits images are {data.image_shape}, expected {NATIVE_SHAPE}"
+            )
+        data.params["source"] = "digits"
+        return data
     from sklearn.datasets import load_digits
 
-    check_native_shape(cfg, NATIVE_SHAPE)
     bunch = load_digits()
     images = to_uint8(bunch.images).reshape(-1, *NATIVE_SHAPE)
     return SourceData(
