@@ -133,6 +133,57 @@ def train(params: ParamsOpt = None, set_: SetOpt = None) -> None:
         )
 
 
+@app.command()
+def launch(
+    job: Annotated[str, typer.Argument(
+        help="A PyTorchJob YAML file; or `render` (print the train step's job) or `train` "
+             "(render it and run it with launch.backend).")],
+    local: Annotated[bool, typer.Option(
+        "--local", help="Run the YAML file's job as local processes.")] = False,
+    mount: Annotated[list[str] | None, typer.Option(
+        "--mount", help="mountPath=DIR for the local backend (repeatable).")] = None,
+    kubeconfig: Annotated[Path | None, typer.Option("--kubeconfig")] = None,
+    run_id: Annotated[str, typer.Option("--run-id", help="Makes the job name unique.")] = "",
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run training as a Kubeflow PyTorchJob: on a cluster, or as local processes."""
+    import yaml
+
+    from cnnflow.config import to_dict
+    from cnnflow.launch import launch_training, local_mounts
+
+    p = _params(params, set_)
+    text = yaml.safe_dump(to_dict(p), sort_keys=False)
+    parent = os.environ.get("CNNFLOW_PARENT_RUN_ID", "")
+    mounts = dict(m.split("=", 1) for m in mount) if mount else local_mounts(p.launch)
+    if job == "render":
+        from cnnflow.launch.pytorchjob import render_job
+
+        rendered = render_job(p.launch, run_id=run_id, params_yaml=text, parent_run_id=parent)
+        typer.echo(rendered.to_yaml(), nl=False)
+    elif job == "train":
+        api = None
+        if p.launch.backend == "kubernetes":
+            from cnnflow.launch.kubernetes import api_client
+
+            api = api_client(str(kubeconfig) if kubeconfig else None)
+        result = launch_training(p.launch, params_yaml=text, run_id=run_id,
+                                 parent_run_id=parent, api=api, mounts=mounts)
+        typer.echo(f"PyTorchJob {result.name} succeeded -> {result.out_dir}")
+    elif local:
+        from cnnflow.launch.local import run_local
+
+        raise typer.Exit(run_local(job, mounts=mounts))
+    else:
+        from cnnflow.launch.kubernetes import api_client, launch_job
+        from cnnflow.launch.validate import load_documents
+
+        api = api_client(str(kubeconfig) if kubeconfig else None)
+        outcome = launch_job(load_documents(job), api=api, keep=p.launch.keep_job)
+        typer.echo(f"PyTorchJob {outcome.namespace}/{outcome.name} succeeded")
+
+
 def main_train() -> None:
     """`python -m cnnflow.train [--params F] [--set k=v]`: the launchers' entrypoint."""
     sys.argv = [sys.argv[0], "train", *sys.argv[1:]]

@@ -1,0 +1,173 @@
+"""The `launch` section of params.yaml: how the train step becomes a PyTorchJob.
+
+Proposed for `cnnflow.config` (as `launch: LaunchConfig` on `Params`); it lives here until
+then so that `cnnflow.launch` can be used and tested on its own. It imports only the
+stdlib and `cnnflow.errors`, so `cnnflow.config` can import it without pulling in the
+Kubernetes clients.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from cnnflow.errors import ConfigError
+
+# <name>[:<tag>][@sha256:<hex>] with an optional registry host:port/ prefix.
+_IMAGE = re.compile(
+    r"^(?P<repo>[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
+)
+# A Kubernetes quantity: 500m, 2, 1.5, 4Gi, 512Mi, 1e3.
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?([eE][0-9]+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+# Pod names are <job>-worker-<index> and the operator makes a Service of the same name, so
+# the job name leaves room for "-worker-" plus up to 6 index digits within 63 characters.
+MAX_JOB_NAME = 48
+
+
+def _check(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def check_image(image: str, key: str = "launch.image") -> str:
+    """Refuse an image reference without a tag or digest (`cnnflow` -> error, `cnnflow:0.1`)."""
+    match = _IMAGE.match(image or "")
+    _check(
+        bool(match) and bool(match["tag"] or match["digest"]),
+        key,
+        "an image with a tag or digest, e.g. cnnflow:0.1.0 (an untagged image means "
+        "':latest', which changes under a running job)",
+        image,
+    )
+    return image
+
+
+@dataclass(kw_only=True)
+class LaunchConfig:
+    """Where and how `train` runs: local processes or a PyTorchJob on a cluster."""
+
+    backend: Literal["local", "kubernetes"] = "local"
+    """local = one process group per replica on this machine, with the env a PyTorchJob
+    pod gets; kubernetes = create the PyTorchJob, follow it, clean up."""
+    image: str = "cnnflow:0.1.0"
+    """Container image with a tag or digest (built from the repository's Dockerfile)."""
+    namespace: str = "cnnflow"
+    name_prefix: str = "cnnflow-train"
+    """Job name = <prefix>-<8 hex of the run id>: unique per run, DNS-1035, <= 48 chars
+    (pods are named <job>-worker-<i> and must stay <= 63)."""
+    nodes: int = 1
+    """Pods: 1 Master + (nodes - 1) Workers (elastic: Workers only, see elastic_*)."""
+    nproc_per_node: int = 1
+    """Processes per pod: 1 = `python -m cnnflow.train`, > 1 = torchrun (one per GPU)."""
+    launcher: Literal["auto", "python", "torchrun"] = "auto"
+    """auto = torchrun when nproc_per_node > 1 or the job is elastic, else plain python."""
+    cpu: str = "2"
+    """CPU request per pod (Kubernetes quantity); the limit is `cpu_limit` or this."""
+    memory: str = "4Gi"
+    cpu_limit: str = ""
+    memory_limit: str = ""
+    """"" = the request (Guaranteed QoS when cpu and memory limits equal requests)."""
+    gpus: int = 0
+    """nvidia.com/gpu per pod (requests = limits, as extended resources require)."""
+    shm_size: str = "1Gi"
+    """Memory-backed /dev/shm: DataLoader workers and NCCL use shared memory; the
+    container runtime's default of 64 MiB is too small."""
+    volume_claim: str = "cnnflow-data"
+    """PVC holding shards, checkpoints and outputs (never the pod's own filesystem)."""
+    mount_path: str = "/workspace"
+    """Where the claim is mounted; outputs go to <mount_path>/runs/<job name>/."""
+    dataset_uri: str = ""
+    """Shards as the pods see them ("" = <mount_path>/data/shards)."""
+    tracking_uri: str = "http://mlflow.cnnflow.svc.cluster.local:5000"
+    """MLFLOW_TRACKING_URI for the pods ("" = no tracking)."""
+    port: int = 23456
+    """Master's `pytorchjob-port` container port (the operator's default)."""
+    restart_policy: Literal["OnFailure", "ExitCode", "Never", "Always"] = "OnFailure"
+    """OnFailure/Always: restart the container in place; ExitCode: recreate the pod on a
+    retryable exit code (>= 128, e.g. 137 OOM-kill/preemption), fail on 1-127; Never."""
+    backoff_limit: int = 3
+    """Restarts before the job is marked Failed."""
+    active_deadline_s: int = 7200
+    """runPolicy.activeDeadlineSeconds: a job still running (or never scheduled) after
+    this many seconds is failed by the operator, and the launcher says so."""
+    ttl_after_finished_s: int = 3600
+    """runPolicy.ttlSecondsAfterFinished: the operator deletes the finished job after it."""
+    clean_pod_policy: Literal["None", "Running", "All"] = "Running"
+    """Pods deleted when the job finishes: Running = stragglers only (logs of finished
+    pods stay readable), All, None (the operator's default)."""
+    elastic_min_nodes: int = 0
+    elastic_max_nodes: int = 0
+    """Both > 0 = elastic: Workers only, torchrun c10d rendezvous, nodes in [min, max]."""
+    max_restarts: int = 3
+    """elastic only: torchrun worker-group restarts (elasticPolicy.maxRestarts)."""
+    keep_job: bool = False
+    """Keep the PyTorchJob (and its pods, per clean_pod_policy) after it finished;
+    false = delete it as soon as the launcher has its result and logs."""
+    env: list[str] = field(default_factory=list)
+    """Extra NAME=value variables for the training container."""
+    node_selector: list[str] = field(default_factory=list)
+    """key=value node labels the pods must match (e.g. a GPU node pool)."""
+    local_mounts: list[str] = field(default_factory=list)
+    """local backend: mountPath=DIR pairs mapping the spec's volumes to local
+    directories ("" = the claim's mount_path maps to the current directory)."""
+
+    def __post_init__(self) -> None:
+        check_image(self.image)
+        _check(bool(_DNS1123.match(self.namespace)) and len(self.namespace) <= 63,
+               "launch.namespace", "a DNS-1123 label (a-z, 0-9, '-', <= 63 chars)",
+               self.namespace)
+        _check(bool(_DNS1035.match(self.name_prefix)) and len(self.name_prefix) <= 39,
+               "launch.name_prefix", "a DNS-1035 label of <= 39 chars (a-z first)",
+               self.name_prefix)
+        _check(1 <= self.nodes <= 1000, "launch.nodes", "1..1000", self.nodes)
+        _check(1 <= self.nproc_per_node <= 64, "launch.nproc_per_node", "1..64",
+               self.nproc_per_node)
+        for name in ("cpu", "memory", "shm_size"):
+            value = getattr(self, name)
+            _check(bool(_QUANTITY.match(value)), f"launch.{name}",
+                   "a Kubernetes quantity (e.g. 2, 500m, 4Gi)", value)
+        for name in ("cpu_limit", "memory_limit"):
+            value = getattr(self, name)
+            _check(value == "" or bool(_QUANTITY.match(value)), f"launch.{name}",
+                   "'' (= the request) or a Kubernetes quantity", value)
+        _check(0 <= self.gpus <= 64, "launch.gpus", "0..64", self.gpus)
+        _check(bool(_DNS1123.match(self.volume_claim)), "launch.volume_claim",
+               "a PVC name (DNS-1123)", self.volume_claim)
+        _check(self.mount_path.startswith("/") and self.mount_path != "/",
+               "launch.mount_path", "an absolute path other than /", self.mount_path)
+        _check(1 <= self.port <= 65535, "launch.port", "1..65535", self.port)
+        _check(self.backoff_limit >= 0, "launch.backoff_limit", "an int >= 0",
+               self.backoff_limit)
+        _check(self.active_deadline_s >= 1, "launch.active_deadline_s", "an int >= 1 second",
+               self.active_deadline_s)
+        _check(self.ttl_after_finished_s >= 0, "launch.ttl_after_finished_s", "an int >= 0",
+               self.ttl_after_finished_s)
+        lo, hi = self.elastic_min_nodes, self.elastic_max_nodes
+        _check((lo == 0) == (hi == 0), "launch.elastic_min_nodes/elastic_max_nodes",
+               "both 0 (not elastic) or both >= 1", [lo, hi])
+        _check(lo <= hi, "launch.elastic_min_nodes", f"<= launch.elastic_max_nodes ({hi})", lo)
+        _check(not self.elastic or lo <= self.nodes <= hi, "launch.nodes",
+               f"within [elastic_min_nodes, elastic_max_nodes] = [{lo}, {hi}]", self.nodes)
+        _check(not (self.elastic and self.launcher == "python"), "launch.launcher",
+               "'auto' or 'torchrun' for an elastic job (only torchrun reads PET_*)",
+               self.launcher)
+        _check(self.max_restarts >= 0, "launch.max_restarts", "an int >= 0", self.max_restarts)
+        for name in ("env", "node_selector", "local_mounts"):
+            for item in getattr(self, name):
+                _check("=" in item and bool(item.split("=", 1)[0]), f"launch.{name}",
+                       "KEY=VALUE items", item)
+
+    @property
+    def elastic(self) -> bool:
+        return self.elastic_max_nodes > 0
+
+    @property
+    def uses_torchrun(self) -> bool:
+        if self.launcher == "auto":
+            return self.nproc_per_node > 1 or self.elastic
+        return self.launcher == "torchrun"

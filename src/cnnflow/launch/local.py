@@ -1,0 +1,394 @@
+"""Run a PyTorchJob spec on this machine: one process group per replica (= per pod).
+
+    rc = run_local("job.yaml", mounts={"/workspace": "."})   # cnnflow launch job.yaml --local
+
+Each replica runs the `pytorch` container's command/args with the environment the
+training operator (kubeflow.org/v1, pkg/controller.v1/pytorch/envvar.go, master.go,
+elastic.go) would give its pod, except that addresses are local:
+- container env, then PYTHONUNBUFFERED=0 and, with a Master: MASTER_ADDR=127.0.0.1,
+  MASTER_PORT (a free port), PET_MASTER_ADDR/PORT, WORLD_SIZE = replicas x nprocPerNode,
+  RANK = PET_NODE_RANK = replica index (master 0, worker i -> i + 1), PET_NPROC_PER_NODE;
+- PET_NNODES = replicas, or for elastic jobs PET_NNODES=min:max, PET_RDZV_ENDPOINT
+  (127.0.0.1:<free port>), PET_RDZV_BACKEND, PET_RDZV_ID, PET_MAX_RESTARTS.
+`python`/`python3` run as this interpreter and `torchrun` as `python -m torch.distributed.run`,
+so the job runs in this environment; the image is not used.
+
+Volumes: every string in command/args/env that starts with a mountPath is rewritten to
+a local directory: PVCs (and hostPaths, which default to their own path) through
+`mounts` ({mountPath or claim name: local dir}), emptyDirs to a fresh directory per
+replica, configMaps to files written from the ConfigMaps in the same YAML file.
+
+Exit semantics (the operator's): the job succeeds when the Master exits 0 (without a
+Master: when every Worker has, or any one for elastic jobs); a replica's non-zero exit is
+retried in place under restartPolicy OnFailure/Always, under ExitCode only for retryable
+codes (>= 128: killed by a signal), never under Never; runPolicy.backoffLimit caps the
+restarts of the whole job and activeDeadlineSeconds its wall time. When the job fails,
+the other replicas are terminated (SIGTERM, then SIGKILL after `kill_grace_s`).
+Difference: with restartPolicy Always a replica that exits 0 is not restarted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cnnflow.launch.validate import ManifestError, load_documents, validate_pytorchjob
+
+log = logging.getLogger("cnnflow")
+
+# Inherited variables that would confuse the replicas' process groups.
+_LAUNCH_VARS = re.compile(r"^(MASTER_ADDR|MASTER_PORT|RANK|WORLD_SIZE|LOCAL_RANK|"
+                          r"LOCAL_WORLD_SIZE|GROUP_RANK|ROLE_RANK|PET_.*|TORCHELASTIC_.*)$")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Replica:
+    """One pod of the job: what runs, with which environment, and its process."""
+
+    rtype: str
+    index: int
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    restart_policy: str
+    proc: subprocess.Popen | None = None
+    done: bool = False
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.rtype.lower()}-{self.index}"
+
+
+@dataclass
+class LocalResult:
+    succeeded: bool
+    exit_code: int
+    reason: str
+    restarts: int
+
+
+def _exit_code(returncode: int) -> int:
+    """A container's exit code: killed by signal N -> 128 + N, as container runtimes report."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _split(source: Any) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+    """(PyTorchJob dict, {ConfigMap name: data}) from a path, dict, list or RenderedJob."""
+    if hasattr(source, "documents"):
+        docs = source.documents()
+    elif isinstance(source, dict):
+        docs = [source]
+    elif isinstance(source, (str, Path)):
+        docs = load_documents(source)
+    else:
+        docs = list(source)
+    jobs = [d for d in docs if d.get("kind") == "PyTorchJob"]
+    if len(jobs) != 1:
+        raise ManifestError(f"expected exactly one PyTorchJob in the job file, found {len(jobs)}")
+    maps = {d["metadata"]["name"]: dict(d.get("data") or {})
+            for d in docs if d.get("kind") == "ConfigMap"}
+    return jobs[0], maps
+
+
+class LocalJob:
+    """Plan and supervise the replicas of one PyTorchJob (see the module docstring)."""
+
+    def __init__(self, source: Any, *, mounts: Mapping[str, str] | None = None,
+                 env: Mapping[str, str] | None = None, workdir: str | Path | None = None,
+                 echo: Callable[[str], None] | None = None, kill_grace_s: float = 10.0,
+                 finish_grace_s: float = 60.0) -> None:
+        self.doc, self.config_maps = _split(source)
+        validate_pytorchjob(self.doc)
+        self.name = self.doc["metadata"]["name"]
+        self.mounts = {k: str(Path(v).resolve()) for k, v in (mounts or {}).items()}
+        self.extra_env = dict(env or {})
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"{self.name}-"))
+        self.echo = echo or self._stderr
+        self.kill_grace_s = kill_grace_s
+        self.finish_grace_s = finish_grace_s
+        self._lock = threading.Lock()
+        spec = self.doc["spec"]
+        run_policy = spec.get("runPolicy") or {}
+        self.backoff_limit: int | None = run_policy.get("backoffLimit")
+        self.deadline_s: int | None = run_policy.get("activeDeadlineSeconds")
+        self.elastic = spec.get("elasticPolicy")
+        self.replicas = self._plan()
+
+    @staticmethod
+    def _stderr(line: str) -> None:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    # ------------------------------------------------------------------ planning
+
+    def _operator_env(self, rtype: str, index: int, master_port: int,
+                      rdzv_port: int) -> dict[str, str]:
+        specs = self.doc["spec"]["pytorchReplicaSpecs"]
+        nproc = self.doc["spec"].get("nprocPerNode")
+        if nproc is None and not (self.elastic and self.elastic.get("nProcPerNode")):
+            nproc = "auto"  # the operator's defaulter
+        total = sum(int(s.get("replicas", 1)) for s in specs.values())
+        env = {"PYTHONUNBUFFERED": "0"}
+        if "Master" in specs:
+            rank = index + 1 if rtype == "Worker" else index
+            per_node = int(nproc) if nproc and str(nproc).isdigit() else 1
+            env.update({
+                "MASTER_PORT": str(master_port), "MASTER_ADDR": "127.0.0.1",
+                "PET_MASTER_PORT": str(master_port), "PET_MASTER_ADDR": "127.0.0.1",
+                "WORLD_SIZE": str(total * per_node), "RANK": str(rank),
+                "PET_NPROC_PER_NODE": str(nproc), "PET_NODE_RANK": str(rank),
+            })
+        if self.elastic is not None:
+            e = self.elastic
+            lo, hi = e.get("minReplicas"), e.get("maxReplicas")
+            nnodes = f"{lo}:{hi}" if lo is not None or hi is not None else str(
+                specs.get("Worker", {}).get("replicas", 1))
+            env.update({"PET_RDZV_ENDPOINT": f"127.0.0.1:{rdzv_port}",
+                        "PET_RDZV_BACKEND": e.get("rdzvBackend") or "c10d",
+                        "PET_NNODES": nnodes})
+            if e.get("maxRestarts") is not None:
+                env["PET_MAX_RESTARTS"] = str(e["maxRestarts"])
+            if e.get("nProcPerNode") is not None:
+                env["PET_NPROC_PER_NODE"] = str(e["nProcPerNode"])
+            if e.get("rdzvId"):
+                env["PET_RDZV_ID"] = e["rdzvId"]
+            if e.get("rdzvConf"):
+                env["PET_RDZV_CONF"] = ",".join(f"{c['key']}={c['value']}" for c in e["rdzvConf"])
+            if e.get("standalone"):
+                env["PET_STANDALONE"] = ""
+        else:
+            env["PET_NNODES"] = str(total)
+        return env
+
+    def _volume_dirs(self, pod: dict[str, Any], container: dict[str, Any],
+                     label: str) -> dict[str, str]:
+        """{mountPath: local dir} for the container's volume mounts."""
+        volumes = {v["name"]: v for v in pod.get("volumes") or []}
+        out = {}
+        for vm in container.get("volumeMounts") or []:
+            path, vol = vm["mountPath"], volumes.get(vm["name"])
+            if vol is None:
+                raise ManifestError(f"{self.name}: volumeMount {vm['name']!r} has no volume")
+            if "persistentVolumeClaim" in vol or "hostPath" in vol:
+                claim = (vol.get("persistentVolumeClaim") or {}).get("claimName")
+                local = self.mounts.get(path) or (claim and self.mounts.get(claim))
+                if not local and "hostPath" in vol:
+                    local = vol["hostPath"]["path"]
+                if not local:
+                    raise ManifestError(
+                        f"{self.name}: volume {vm['name']!r} (claim {claim}, mountPath {path}) "
+                        f"has no local directory: map it with {path}=DIR")
+            elif "emptyDir" in vol:
+                local = str(self.workdir / label / vm["name"])
+            elif "configMap" in vol:
+                local = self._config_map_dir(vol, label)
+            else:
+                kind = next((k for k in vol if k != "name"), "?")
+                raise ManifestError(f"{self.name}: volume {vm['name']!r}: {kind} volumes are "
+                                    "not supported locally (PVC, hostPath, emptyDir, configMap)")
+            if vm.get("subPath"):
+                local = str(Path(local) / vm["subPath"])
+            Path(local).mkdir(parents=True, exist_ok=True)
+            out[path] = local
+        return out
+
+    def _config_map_dir(self, vol: dict[str, Any], label: str) -> str:
+        name = vol["configMap"]["name"]
+        if name not in self.config_maps:
+            raise ManifestError(f"{self.name}: configMap {name!r} (volume {vol['name']!r}) is "
+                                "not in the job file")
+        data = self.config_maps[name]
+        items = vol["configMap"].get("items") or [{"key": k, "path": k} for k in data]
+        target = self.workdir / label / f"configmap-{vol['name']}"
+        for item in items:
+            dest = target / item["path"]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(data[item["key"]], encoding="utf-8")
+        return str(target)
+
+    @staticmethod
+    def _rewriter(dirs: Mapping[str, str]) -> Callable[[str], str]:
+        if not dirs:
+            return lambda s: s
+        alts = "|".join(re.escape(p.rstrip("/")) for p in sorted(dirs, key=len, reverse=True))
+        pattern = re.compile(rf"(?:^|(?<=[=:,\s]))({alts})(?=/|$|[\s:,;])")
+        table = {p.rstrip("/"): d for p, d in dirs.items()}
+        return lambda s: pattern.sub(lambda mt: table[mt.group(1)], s)
+
+    def _plan(self) -> list[Replica]:
+        master_port, rdzv_port = free_port(), free_port()
+        base = {k: v for k, v in os.environ.items() if not _LAUNCH_VARS.match(k)}
+        replicas = []
+        for rtype in ("Master", "Worker"):
+            rspec = self.doc["spec"]["pytorchReplicaSpecs"].get(rtype)
+            if rspec is None:
+                continue
+            pod = rspec["template"]["spec"]
+            container = next(c for c in pod["containers"] if c["name"] == "pytorch")
+            for index in range(int(rspec.get("replicas", 1))):
+                label = f"{rtype.lower()}-{index}"
+                rewrite = self._rewriter(self._volume_dirs(pod, container, label))
+                env = {e["name"]: rewrite(str(e.get("value", ""))) for e in
+                       container.get("env") or [] if "valueFrom" not in e}
+                env.update(self._operator_env(rtype, index, master_port, rdzv_port))
+                argv = [rewrite(a) for a in
+                        [*(container.get("command") or []), *(container.get("args") or [])]]
+                if not argv:
+                    raise ManifestError(f"{self.name}: {rtype} container 'pytorch' has no "
+                                        "command: the image's entrypoint is unknown locally")
+                if argv[0] in ("python", "python3"):
+                    argv[0] = sys.executable
+                elif argv[0] == "torchrun":
+                    argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
+                cwd = rewrite(container.get("workingDir") or str(self.workdir))
+                Path(cwd).mkdir(parents=True, exist_ok=True)
+                replicas.append(Replica(rtype, index, argv, {**base, **env, **self.extra_env},
+                                        cwd, rspec.get("restartPolicy") or "OnFailure"))
+        return replicas
+
+    # ------------------------------------------------------------------ running
+
+    def _pump(self, replica: Replica, stream: Iterable[bytes]) -> None:
+        prefix = f"[{replica.label}] "
+        for raw in stream:
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            with self._lock:
+                self.echo(prefix + line)
+
+    def _start(self, replica: Replica) -> None:
+        replica.proc = subprocess.Popen(
+            replica.argv, env=replica.env, cwd=replica.cwd, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        thread = threading.Thread(target=self._pump, args=(replica, replica.proc.stdout),
+                                  daemon=True)
+        thread.start()
+        replica.threads.append(thread)
+
+    def _terminate(self, replicas: Iterable[Replica]) -> None:
+        alive = [r for r in replicas if r.proc is not None and r.proc.poll() is None]
+        for r in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(r.proc.pid, signal.SIGTERM)
+        end = time.monotonic() + self.kill_grace_s
+        for r in alive:
+            try:
+                r.proc.wait(timeout=max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(r.proc.pid, signal.SIGKILL)
+                r.proc.wait()
+
+    def _retryable(self, replica: Replica, code: int) -> bool:
+        if replica.restart_policy in ("OnFailure", "Always"):
+            return True
+        return replica.restart_policy == "ExitCode" and code >= 128
+
+    def run(self, poll_s: float = 0.05) -> LocalResult:
+        """Start every replica, supervise them, and return the job's outcome."""
+        kinds = ", ".join(f"{r.label}" for r in self.replicas)
+        log.info("PyTorchJob %s: running %s locally (workdir %s)", self.name, kinds, self.workdir)
+        start = time.monotonic()
+        restarts = 0
+        has_master = any(r.rtype == "Master" for r in self.replicas)
+        try:
+            for r in self.replicas:
+                self._start(r)
+            while True:
+                for r in self.replicas:
+                    if r.done or r.proc.poll() is None:
+                        continue
+                    code = _exit_code(r.proc.returncode)
+                    if code == 0:
+                        r.done = True
+                        continue
+                    limit = self.backoff_limit
+                    if self._retryable(r, code) and (limit is None or restarts < limit):
+                        restarts += 1
+                        log.warning("PyTorchJob %s: %s exited with code %d; restarting "
+                                    "(restartPolicy %s, restart %d of backoffLimit %s)",
+                                    self.name, r.label, code, r.restart_policy, restarts, limit)
+                        self._start(r)
+                        continue
+                    why = (f"backoffLimit={limit} reached" if self._retryable(r, code)
+                           else f"restartPolicy {r.restart_policy}")
+                    self._terminate(self.replicas)
+                    return self._finish(LocalResult(
+                        False, code, f"replica {r.label} exited with code {code} ({why})",
+                        restarts))
+                if self._succeeded(has_master):
+                    self._wait_stragglers()
+                    return self._finish(LocalResult(True, 0, "succeeded", restarts))
+                if self.deadline_s is not None and time.monotonic() - start > self.deadline_s:
+                    self._terminate(self.replicas)
+                    return self._finish(LocalResult(
+                        False, 1, f"exceeded runPolicy.activeDeadlineSeconds="
+                        f"{self.deadline_s}", restarts))
+                time.sleep(poll_s)
+        except BaseException:
+            self._terminate(self.replicas)
+            raise
+
+    def _succeeded(self, has_master: bool) -> bool:
+        if has_master:
+            return any(r.done for r in self.replicas if r.rtype == "Master")
+        workers = [r for r in self.replicas if r.rtype == "Worker"]
+        return all(r.done for r in workers) or bool(self.elastic and any(
+            r.done for r in workers))
+
+    def _wait_stragglers(self) -> None:
+        """After success, give the other replicas `finish_grace_s` to exit, then stop them
+        (cleanPodPolicy Running)."""
+        end = time.monotonic() + self.finish_grace_s
+        for r in self.replicas:
+            try:
+                r.proc.wait(timeout=max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                break
+        self._terminate(self.replicas)
+
+    def _finish(self, result: LocalResult) -> LocalResult:
+        for r in self.replicas:
+            for t in r.threads:
+                t.join(timeout=5)
+        if self._own_workdir:  # emptyDirs and configMap files live as long as the pods
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        if result.succeeded:
+            log.info("PyTorchJob %s succeeded locally (%d restarts)", self.name,
+                     result.restarts)
+        else:
+            log.error("PyTorchJob %s failed: %s", self.name, result.reason)
+        return result
+
+
+def run_local(job: Any, *, mounts: Mapping[str, str] | None = None,
+              env: Mapping[str, str] | None = None, workdir: str | Path | None = None,
+              echo: Callable[[str], None] | None = None, **kwargs: Any) -> int:
+    """Run a PyTorchJob (path to YAML, dict, list of documents or `RenderedJob`) locally.
+
+    Returns 0 when the job succeeded, else the failing replica's exit code (>= 1).
+    `mounts` maps a volume's mountPath (or PVC name) to a local directory.
+    """
+    result = LocalJob(job, mounts=mounts, env=env, workdir=workdir, echo=echo, **kwargs).run()
+    return 0 if result.succeeded else max(1, result.exit_code)

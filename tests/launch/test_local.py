@@ -1,0 +1,199 @@
+"""The local backend: a rendered PyTorchJob run as one process group per replica.
+
+Training runs use the real `python -m cnnflow.train` (and torchrun) on the digits shards;
+the restart semantics use tiny python commands, whose behaviour is easy to script.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cnnflow.launch import launch_training
+from cnnflow.launch.config import LaunchConfig
+from cnnflow.launch.local import LocalJob, run_local
+from cnnflow.launch.pytorchjob import render_job
+from cnnflow.launch.validate import ManifestError
+
+from .conftest import params_text
+
+TINY = ["train.epochs=1", "train.max_steps=4", "train.batch_size=32", "model.width=8",
+        "train.log_every=1"]
+
+
+def _train(tmp_path, digits_shards, **cfg):
+    # As on the cluster: shards on the volume, at the default <mount_path>/data/shards.
+    ws = tmp_path / "ws"
+    (ws / "data").mkdir(parents=True)
+    (ws / "data" / "shards").symlink_to(digits_shards)
+    rendered = render_job(LaunchConfig(tracking_uri="", **cfg), run_id=f"run-{cfg}",
+                          params_yaml=params_text(TINY))
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(rendered.to_yaml())
+    lines: list[str] = []
+    rc = run_local(job_file, mounts={"/workspace": str(ws)}, echo=lines.append)
+    out = ws / "runs" / rendered.name / "train"
+    return rc, lines, out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_replicas_one_process_each(tmp_path, digits_shards):
+    rc, lines, out = _train(tmp_path, digits_shards, nodes=2)
+    assert rc == 0, "\n".join(lines[-30:])
+    assert (out / "model.pt").is_file()
+    # the operator's env: RANK = replica index, WORLD_SIZE = 2 x 1
+    assert any(line.startswith("[master-0] ") and "rank 0/2 joined gloo" in line for line in lines)
+    assert any(line.startswith("[worker-0] ") and "rank 1/2 joined gloo" in line for line in lines)
+    steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines() if x]
+    assert len(steps) == 4
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_one_replica_two_processes_with_torchrun(tmp_path, digits_shards):
+    """Through `launch_training`, the train step's entry: render + run with cfg.backend."""
+    ws = tmp_path / "ws"
+    (ws / "data").mkdir(parents=True)
+    (ws / "data" / "shards").symlink_to(digits_shards)
+    cfg = LaunchConfig(backend="local", nodes=1, nproc_per_node=2, tracking_uri="",
+                       local_mounts=[f"/workspace={ws}"])
+    lines: list[str] = []
+    result = launch_training(cfg, params_yaml=params_text(TINY), run_id="torchrun-run",
+                             echo=lines.append)
+    assert result.out_dir == f"{ws}/runs/{result.name}/train"
+    assert (Path(result.out_dir) / "model.pt").is_file()
+    assert all(line.startswith("[master-0] ") for line in lines)
+    assert any("rank 1/2 joined gloo" in line for line in lines)  # PET_NPROC_PER_NODE=2
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_elastic_workers_rendezvous_through_pet_variables(tmp_path):
+    """Two elastic Workers, torchrun c10d rendezvous from the operator's PET_* only."""
+    (tmp_path / "rank.py").write_text(
+        "import os, torch.distributed as dist\n"
+        "dist.init_process_group('gloo')\n"
+        "print('rank', dist.get_rank(), 'of', dist.get_world_size(), flush=True)\n"
+        "dist.destroy_process_group()\n")
+    job = render_job(LaunchConfig(nodes=2, elastic_min_nodes=2, elastic_max_nodes=2),
+                     name="elastic-run").documents()[0]
+    c = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    c["args"] = ["--nproc-per-node=1", "/workspace/rank.py"]
+    lines: list[str] = []
+    assert run_local(job, mounts={"/workspace": str(tmp_path)}, echo=lines.append) == 0
+    ranks = sorted(line for line in lines if " rank " in line and " of 2" in line)
+    assert len(ranks) == 2 and {r.split()[2] for r in ranks} == {"0", "1"}, lines[-20:]
+
+
+def _job(tmp_path, code: str, *, nodes: int = 1, restart_policy: str = "OnFailure",
+         backoff_limit: int = 3, deadline: int = 600) -> dict:
+    """A rendered job whose `pytorch` container runs `python -c code` instead of training."""
+    cfg = LaunchConfig(nodes=nodes, restart_policy=restart_policy,
+                       backoff_limit=backoff_limit, active_deadline_s=deadline)
+    job = render_job(cfg, name="restart-test").documents()[0]
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        container = spec["template"]["spec"]["containers"][0]
+        container["command"] = ["python", "-c", code]
+        container["args"] = ["/workspace/marker"]
+    return job
+
+
+FAIL_FIRST = ("import os, sys, pathlib; m = pathlib.Path(sys.argv[1] + os.environ['RANK']); "
+              "first = not m.exists(); m.touch(); print('attempt', 'first' if first else 'again');"
+              " sys.exit(3 if first else 0)")
+
+
+def test_on_failure_restarts_the_replica_then_succeeds(tmp_path):
+    lines: list[str] = []
+    job = _job(tmp_path, FAIL_FIRST, restart_policy="OnFailure")
+    rc = run_local(job, mounts={"/workspace": str(tmp_path)}, echo=lines.append)
+    assert rc == 0
+    assert lines == ["[master-0] attempt first", "[master-0] attempt again"]
+    assert (tmp_path / "marker0").exists()  # /workspace was mapped to tmp_path
+
+
+def test_never_fails_the_job_and_terminates_the_others(tmp_path):
+    code = ("import os, sys, time; rank = os.environ['RANK']; print('up', rank, flush=True);"
+            " time.sleep(0.5) if rank == '1' else time.sleep(60); sys.exit(5)")
+    lines: list[str] = []
+    result = LocalJob(_job(tmp_path, code, nodes=2, restart_policy="Never"),
+                      mounts={"/workspace": str(tmp_path)}, echo=lines.append,
+                      kill_grace_s=2).run()
+    assert not result.succeeded and result.exit_code == 5
+    assert result.reason == "replica worker-0 exited with code 5 (restartPolicy Never)"
+    assert sorted(lines) == ["[master-0] up 0", "[worker-0] up 1"]
+
+
+def test_backoff_limit_caps_restarts(tmp_path):
+    lines: list[str] = []
+    job = _job(tmp_path, "import sys; print('boom'); sys.exit(2)", backoff_limit=2)
+    result = LocalJob(job, mounts={"/workspace": str(tmp_path)}, echo=lines.append).run()
+    assert not result.succeeded and result.restarts == 2
+    assert result.reason == "replica master-0 exited with code 2 (backoffLimit=2 reached)"
+    assert lines == ["[master-0] boom"] * 3
+
+
+def test_exit_code_policy_retries_only_signal_exits(tmp_path):
+    # 137 (128 + SIGKILL, an OOM kill or a preemption) is retryable; 1..127 are not.
+    code = ("import os, sys, pathlib; m = pathlib.Path(sys.argv[1]); first = not m.exists();"
+            " m.touch(); sys.exit(137 if first else 1)")
+    result = LocalJob(_job(tmp_path, code, restart_policy="ExitCode"),
+                      mounts={"/workspace": str(tmp_path)}, echo=lambda s: None).run()
+    assert result.restarts == 1 and result.exit_code == 1
+    assert "restartPolicy ExitCode" in result.reason
+
+
+def test_active_deadline_stops_the_job(tmp_path):
+    job = _job(tmp_path, "import time; time.sleep(60)", deadline=1)
+    result = LocalJob(job, mounts={"/workspace": str(tmp_path)}, echo=lambda s: None,
+                      kill_grace_s=2).run()
+    assert not result.succeeded
+    assert result.reason == "exceeded runPolicy.activeDeadlineSeconds=1"
+
+
+def test_operator_environment_and_volume_mapping(tmp_path):
+    rendered = render_job(LaunchConfig(nodes=3, nproc_per_node=2), name="envjob",
+                          params_yaml="x: 1\n", parent_run_id="p-1")
+    job = LocalJob(rendered, mounts={"cnnflow-data": str(tmp_path / "ws")})
+    by_label = {r.label: r for r in job.replicas}
+    assert list(by_label) == ["master-0", "worker-0", "worker-1"]
+    master, worker = by_label["master-0"].env, by_label["worker-1"].env
+    port = master["MASTER_PORT"]
+    assert {k: master[k] for k in ("MASTER_ADDR", "WORLD_SIZE", "RANK", "PET_NNODES",
+                                   "PET_NODE_RANK", "PET_NPROC_PER_NODE", "PET_MASTER_ADDR",
+                                   "PET_MASTER_PORT", "PYTHONUNBUFFERED")} == {
+        "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "6", "RANK": "0", "PET_NNODES": "3",
+        "PET_NODE_RANK": "0", "PET_NPROC_PER_NODE": "2", "PET_MASTER_ADDR": "127.0.0.1",
+        "PET_MASTER_PORT": port, "PYTHONUNBUFFERED": "0"}
+    assert (worker["RANK"], worker["PET_NODE_RANK"], worker["MASTER_PORT"]) == ("2", "2", port)
+    assert master["CNNFLOW_PARENT_RUN_ID"] == "p-1"
+    argv = by_label["master-0"].argv
+    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    params = argv[argv.index("--params") + 1]
+    assert yaml.safe_load(Path(params).read_text()) == {"x": 1}  # the ConfigMap, written locally
+    assert f"train.out_dir={tmp_path / 'ws'}/runs/envjob/train" in argv
+    assert master["HOME"].startswith(str(job.workdir))  # emptyDir /tmp -> per replica
+
+
+def test_elastic_job_gets_only_pet_variables(tmp_path):
+    rendered = render_job(LaunchConfig(nodes=2, elastic_min_nodes=1, elastic_max_nodes=3),
+                          name="elastic")
+    job = LocalJob(rendered, mounts={"/workspace": str(tmp_path)})
+    env = job.replicas[0].env
+    assert [r.label for r in job.replicas] == ["worker-0", "worker-1"]
+    assert "RANK" not in env and "WORLD_SIZE" not in env and "MASTER_ADDR" not in env
+    assert env["PET_NNODES"] == "1:3" and env["PET_RDZV_BACKEND"] == "c10d"
+    assert env["PET_RDZV_ID"] == "elastic" and env["PET_MAX_RESTARTS"] == "3"
+    assert env["PET_RDZV_ENDPOINT"].startswith("127.0.0.1:")
+    assert "--nproc-per-node=1" in job.replicas[0].argv
+
+
+def test_unmapped_claim_is_a_clear_error(tmp_path):
+    with pytest.raises(ManifestError, match=r"volume 'data' \(claim cnnflow-data, mountPath "
+                       r"/workspace\) has no local directory: map it with /workspace=DIR"):
+        LocalJob(render_job(LaunchConfig(), name="nomap"))

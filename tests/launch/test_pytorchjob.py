@@ -1,0 +1,184 @@
+"""Rendering: the PyTorchJob built with the SDK models passes the operator's rules and
+the Kubernetes schemas, and carries the run's identity, env, volumes and policies."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from cnnflow.errors import ConfigError
+from cnnflow.launch.config import LaunchConfig
+from cnnflow.launch.pytorchjob import example_yaml, job_name, render_job
+from cnnflow.launch.validate import (
+    K8S_SCHEMA_VERSION,
+    ManifestError,
+    load_documents,
+    validate_documents,
+    validate_pytorchjob,
+)
+
+CONFIGS = {
+    "single": LaunchConfig(),
+    "ddp": LaunchConfig(nodes=4, restart_policy="ExitCode"),
+    "torchrun": LaunchConfig(nodes=2, nproc_per_node=4, gpus=4, node_selector=["pool=gpu"]),
+    "elastic": LaunchConfig(nodes=2, elastic_min_nodes=1, elastic_max_nodes=4),
+}
+
+
+@pytest.mark.parametrize("which", list(CONFIGS))
+def test_every_rendered_job_validates(which):
+    rendered = render_job(CONFIGS[which], run_id="abc123", params_yaml="train: {}\n",
+                          parent_run_id="parent")
+    docs = rendered.documents()
+    assert [d["kind"] for d in docs] == ["ConfigMap", "PyTorchJob"]
+    assert validate_documents(docs) == 2  # schemas + operator rules + security baseline
+    job = validate_pytorchjob(docs[1])
+    assert type(job).__name__ == "KubeflowOrgV1PyTorchJob"
+
+
+def test_schema_version_is_the_newest_bundled():
+    from kubernetes_validate.utils import latest_version, major_minor
+
+    assert major_minor(latest_version()) == K8S_SCHEMA_VERSION
+
+
+def test_job_contents():
+    cfg = LaunchConfig(nodes=3, tracking_uri="http://mlflow:5000", env=["A=1"])
+    r = render_job(cfg, run_id="run-42", params_yaml="x: 1\n", parent_run_id="p-9",
+                   overrides=["optim.lr=0.05"])
+    job = r.documents()[1]
+    spec = job["spec"]
+    assert spec["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
+    assert spec["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
+    assert spec["nprocPerNode"] == "1" and "elasticPolicy" not in spec
+    assert spec["runPolicy"] == {"activeDeadlineSeconds": 7200, "backoffLimit": 3,
+                                 "cleanPodPolicy": "Running", "ttlSecondsAfterFinished": 3600}
+    pod = spec["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["name"] == "pytorch" and c["image"] == "cnnflow:0.1.0"
+    assert c["command"] == ["python"]
+    assert c["args"][:4] == ["-m", "cnnflow.train", "--params", "/etc/cnnflow/params.yaml"]
+    assert f"train.out_dir=/workspace/runs/{r.name}/train" in c["args"]
+    assert "optim.lr=0.05" in c["args"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert env["CNNFLOW_PARENT_RUN_ID"] == "p-9" and env["A"] == "1"
+    assert env["CNNFLOW_DATASET_URI"] == "/workspace/data/shards"
+    assert {v["name"] for v in pod["volumes"]} == {"data", "tmp", "dshm", "params"}
+    assert pod["securityContext"]["runAsUser"] == 1000
+    assert r.out_dir == f"/workspace/runs/{r.name}/train"
+
+
+def test_torchrun_and_elastic_commands():
+    tr = render_job(CONFIGS["torchrun"], run_id="r").documents()[0]
+    c = tr["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["torchrun"] and c["args"][:2] == ["-m", "cnnflow.train"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    el = render_job(CONFIGS["elastic"], run_id="r").documents()[0]
+    assert list(el["spec"]["pytorchReplicaSpecs"]) == ["Worker"]
+    policy = el["spec"]["elasticPolicy"]
+    assert (policy["minReplicas"], policy["maxReplicas"], policy["rdzvBackend"]) == (1, 4, "c10d")
+    assert policy["rdzvId"] == el["metadata"]["name"]  # unique per job
+
+
+def test_job_name_unique_per_run_and_dns_safe():
+    a, b = job_name("cnnflow-train", "run-a"), job_name("cnnflow-train", "run-b")
+    assert a != b and a == job_name("cnnflow-train", "run-a")
+    assert job_name("cnnflow-train") != job_name("cnnflow-train")  # no run id: random
+    long = job_name("x" * 39, "r")
+    assert len(long) == 48 and len(f"{long}-worker-999999") <= 63
+
+
+def test_checked_in_example_is_current():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "manifests" / "base" / "pytorchjob.yaml"
+    assert path.read_text() == example_yaml(), "run python -m cnnflow.launch.pytorchjob"
+    validate_documents(load_documents(path))
+
+
+@pytest.mark.parametrize("image", ["cnnflow", "registry.local:5000/team/cnnflow", "", "A:1"])
+def test_image_without_tag_is_refused(image):
+    with pytest.raises(ConfigError, match=f"launch.image: expected an image with a tag or "
+                       f"digest.*got {image!r}"):
+        LaunchConfig(image=image)
+
+
+def test_tagged_and_digest_images_are_accepted():
+    LaunchConfig(image="registry.local:5000/team/cnnflow:0.1.0")
+    LaunchConfig(image="cnnflow@sha256:" + "a" * 64)
+
+
+@pytest.mark.parametrize(("kwargs", "key"), [
+    ({"elastic_min_nodes": 3, "elastic_max_nodes": 2, "nodes": 2}, "launch.elastic_min_nodes"),
+    ({"elastic_min_nodes": 1, "elastic_max_nodes": 0}, "launch.elastic_min_nodes/"),
+    ({"elastic_min_nodes": 1, "elastic_max_nodes": 2, "launcher": "python"}, "launch.launcher"),
+    ({"name_prefix": "Train"}, "launch.name_prefix"),
+    ({"cpu": "two"}, "launch.cpu"),
+    ({"nodes": 0}, "launch.nodes"),
+])
+def test_bad_launch_config(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        LaunchConfig(**kwargs)
+
+
+def _base_job() -> dict:
+    return render_job(LaunchConfig(nodes=2), name="rules").documents()[0]
+
+
+def _break(path: str, value):
+    job = _base_job()
+    target = job
+    keys = path.split(".")
+    for k in keys[:-1]:
+        target = target[int(k)] if k.isdigit() else target[k]
+    if value is None:
+        del target[keys[-1]]
+    else:
+        target[keys[-1]] = value
+    return job
+
+
+MASTER = "spec.pytorchReplicaSpecs.Master"
+CONTAINER = f"{MASTER}.template.spec.containers.0"
+
+
+@pytest.mark.parametrize(("path", "value", "message"), [
+    (f"{CONTAINER}.name", "trainer", "must have a container named 'pytorch'"),
+    (f"{MASTER}.replicas", 2, r"Master.replicas: must be 1, got 2"),
+    (f"{MASTER}.restartPolicy", "Sometimes", "restartPolicy: expected one of Always"),
+    (f"{CONTAINER}.image", "", r"containers\[0\].image: required"),
+    ("metadata.name", "1-bad", "metadata.name: expected a DNS-1035 label"),
+    ("spec.runPolicy.cleanPodPolicy", "Some", "cleanPodPolicy: expected one of None"),
+    (f"{CONTAINER}.securityContext.runAsUser", "root", "not a valid PyTorchJob"),  # SDK
+    (f"{CONTAINER}.imagePulPolicy", "Always",  # the strict core schema: unknown field
+     r"PodTemplate rules-master: template.spec.containers.0: .*'imagePulPolicy'"),
+])
+def test_operator_rules(path, value, message):
+    with pytest.raises(ManifestError, match=message):
+        validate_pytorchjob(_break(path, value))
+
+
+def test_nproc_per_node_not_with_elastic_nproc():
+    job = render_job(CONFIGS["elastic"], name="el").documents()[0]
+    bad = copy.deepcopy(job)
+    bad["spec"]["elasticPolicy"]["nProcPerNode"] = 2
+    with pytest.raises(ManifestError, match="nProcPerNode: must not be used with spec.nproc"):
+        validate_pytorchjob(bad)
+    plain = copy.deepcopy(job)
+    c = plain["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    c["command"], c["args"] = ["python"], ["-m", "cnnflow.train"]
+    with pytest.raises(ManifestError, match="elastic jobs need torchrun"):
+        validate_pytorchjob(plain)
+    inverted = copy.deepcopy(job)
+    inverted["spec"]["elasticPolicy"].update(minReplicas=3, maxReplicas=2)
+    with pytest.raises(ManifestError, match="1 <= minReplicas <= maxReplicas, got 3 and 2"):
+        validate_pytorchjob(inverted)
+
+
+def test_security_baseline_is_enforced():
+    job = _break(f"{CONTAINER}.securityContext.allowPrivilegeEscalation", None)
+    with pytest.raises(ManifestError, match="container pytorch: missing "
+                       "allowPrivilegeEscalation: false"):
+        validate_documents([job])
