@@ -60,10 +60,11 @@ def _setup_logging() -> None:
 @app.command()
 def prepare(params: ParamsOpt = None, set_: SetOpt = None) -> None:
     """Read the configured source, split it and write the versioned data set."""
-    from cnnflow.data.prepare import prepare as run_prepare
+    from cnnflow.stages import run_prepare
 
-    cfg = _params(params, set_).prepare
-    meta = run_prepare(cfg)
+    p = _params(params, set_)
+    cfg = p.prepare
+    meta = run_prepare(p)
     counts = ", ".join(f"{s} {meta['splits'][s]['count']}" for s in ("train", "val", "test"))
     version = meta["version"][:12]
     typer.echo(f"prepared {meta['source']} -> {cfg.out_dir} (version {version}; {counts})")
@@ -85,15 +86,10 @@ def raw(
 @app.command()
 def shard(params: ParamsOpt = None, set_: SetOpt = None) -> None:
     """Write WebDataset tar shards of the prepared data set with a checksummed manifest."""
-    from cnnflow.data.shards import write_shards
+    from cnnflow.stages import run_shard
 
     p = _params(params, set_)
-    manifest = write_shards(
-        p.prepare.out_dir,
-        p.shard.out_dir,
-        samples_per_shard=p.shard.samples_per_shard,
-        workers=p.shard.workers,
-    )
+    manifest = run_shard(p)
     shards = sum(len(s["shards"]) for s in manifest["splits"].values())
     typer.echo(
         f"sharded {manifest['dataset_version'][:12]} -> {p.shard.out_dir} ({shards} shards)"
@@ -121,7 +117,7 @@ def verify(
 @app.command()
 def train(params: ParamsOpt = None, set_: SetOpt = None) -> None:
     """Train the configured model on the shards (one process, torchrun or a PyTorchJob)."""
-    from cnnflow.train.trainer import train as run_train
+    from cnnflow.stages import run_train
 
     p = _params(params, set_)
     summary = run_train(p)
@@ -131,6 +127,98 @@ def train(params: ParamsOpt = None, set_: SetOpt = None) -> None:
             f"trained {summary['steps']} steps -> {p.train.out_dir}/model.pt"
             + (f" (val accuracy {last['val_accuracy']:.4f})" if last else "")
         )
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option(
+        "--model", help="Train output dir or models:/name@alias (default: evaluate.model, "
+                        "else train.out_dir).")] = "",
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Score the test split, write reports/, register @challenger, run the promotion gate."""
+    from cnnflow.stages import run_evaluate
+
+    p = _params(params, set_)
+    result = run_evaluate(p, model)
+    m = result["metrics"]
+    typer.echo(f"test accuracy {m['accuracy']:.4f} (macro F1 {m['macro_f1']:.4f}, "
+               f"ECE {m['ece']:.4f}) -> {p.evaluate.out_dir}/metrics.json")
+    if "registered" in result:
+        r = result["registered"]
+        typer.echo(f"registered {r['name']} version {r['version']} as @{r['alias']}")
+
+
+@app.command()
+def register(
+    model: Annotated[str, typer.Argument(help="A run id, runs:/<id>/model or models:/ URI.")],
+    name: Annotated[str, typer.Option("--name", help="Default: tracking.model_name.")] = "",
+    metrics: Annotated[Path | None, typer.Option(
+        "--metrics", help="metrics.json of `cnnflow evaluate` (tags the version).")] = None,
+    alias: Annotated[str, typer.Option("--alias")] = "challenger",
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Register a logged model as a new version (tagged with its test metrics)."""
+    from cnnflow import registry
+
+    p = _params(params, set_)
+    values = {}
+    if metrics is not None:
+        if not metrics.is_file():
+            raise CnnflowError(f"{metrics}: metrics file not found")
+        values = json.loads(metrics.read_text())
+    r = registry.register(model, name or p.tracking.model_name, metrics=values, alias=alias,
+                          tracking_uri=p.tracking.uri or None)
+    typer.echo(f"registered {r['name']} version {r['version']} as @{r['alias']}")
+
+
+@app.command()
+def promote(
+    name: Annotated[str, typer.Option("--name", help="Default: tracking.model_name.")] = "",
+    version: Annotated[str, typer.Option(
+        "--version", help="Default: the version @challenger points at.")] = "",
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Move @champion to the challenger when it beats the champion (evaluate.margin)."""
+    from cnnflow import registry
+
+    p = _params(params, set_)
+    registry.promote(name or p.tracking.model_name, version or None,
+                     margin=p.evaluate.margin,
+                     promote_across_datasets=p.evaluate.promote_across_datasets,
+                     tracking_uri=p.tracking.uri or None)
+
+
+tracking_app = typer.Typer(help="MLflow tracking utilities.", no_args_is_help=True)
+app.add_typer(tracking_app, name="tracking")
+
+
+@tracking_app.command("sync")
+def tracking_sync(
+    spool: Annotated[Path, typer.Argument(help="A spool dir written while MLflow was down.")],
+    uri: Annotated[str, typer.Option("--uri", help="Default: $MLFLOW_TRACKING_URI.")] = "",
+) -> None:
+    """Upload what a run kept locally while the tracking server was unreachable."""
+    from cnnflow.tracking.sync import sync
+
+    run_id = sync(spool, uri or None)
+    typer.echo(f"synced {spool} into run {run_id}")
+
+
+@app.command("mlflow-server")
+def mlflow_server(
+    store: Annotated[str, typer.Option("--store")] = "mlflow/mlflow.db",
+    artifacts: Annotated[str, typer.Option("--artifacts")] = "mlflow/artifacts",
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 5000,
+) -> None:
+    """Run a real MLflow server on the local store (Ctrl-C stops it)."""
+    from cnnflow.tracking.server import run_server
+
+    run_server(store, artifacts, host=host, port=port)
 
 
 @app.command()

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from cnnflow.errors import ConfigError
+from cnnflow.launch.config import LaunchConfig
 
 SOURCES = ("digits", "synthetic", "imagefolder", "idx", "cifar")
 
@@ -152,7 +153,22 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline stages (model parallel)."""
     fsdp: int = 1
-    """Fully-sharded data-parallel degree."""
+    """Fully-sharded data-parallel degree (ZeRO-3: parameters, gradients and optimizer
+    state split over this many ranks). With dp > 1 too: HSDP, replicas of a sharded model."""
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved1f1b"] = "1f1b"
+    """Pipeline schedule (pp > 1). gpipe: all forwards, then all backwards (activations of
+    every micro-batch alive at once); 1f1b: same bubble, at most pp micro-batches of
+    activations; interleaved1f1b: 2 stages per rank, bubble roughly halved."""
+    microbatches: int = 0
+    """Micro-batches per pipeline step (0 = 2 x the number of stages). Must divide the
+    per-replica batch train.batch_size / (dp x grad_accum). Bubble = (K-1)/(M+K-1) for K
+    stages per replica: more micro-batches, smaller bubble, smaller (slower) kernels."""
+    split_points: list[str] = field(default_factory=list)
+    """Blocks that start a new pipeline stage (names from `pipeline_blocks`, e.g.
+    ['stage2.0'] for 2 stages); [] = balance automatically (see pp_balance)."""
+    pp_balance: Literal["flops", "params"] = "flops"
+    """Automatic split: equalise measured forward FLOPs (speed) or parameter counts
+    (memory) over the stages."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """auto = nccl on CUDA, gloo on CPU."""
     init_timeout_s: float = 60.0
@@ -188,9 +204,27 @@ class ParallelConfig:
                self.local_sgd_period)
         _check(self.local_sgd_start_step >= 0, "parallel.local_sgd_start_step",
                "an int >= 0", self.local_sgd_start_step)
+        _check(self.microbatches >= 0, "parallel.microbatches", "an int >= 0 (0 = auto)",
+               self.microbatches)
+        _check(len(set(self.split_points)) == len(self.split_points), "parallel.split_points",
+               "distinct block names", self.split_points)
+        _check(not self.split_points or len(self.split_points) == self.stages - 1,
+               "parallel.split_points", f"{self.stages - 1} block names (one per stage after "
+               f"the first: parallel.pp={self.pp}, schedule {self.pp_schedule!r}) or []",
+               self.split_points)
         _check(not (self.local_sgd_period and self.comm_hook != "none"),
                "parallel.comm_hook", "'none' when parallel.local_sgd_period > 0",
                self.comm_hook)
+
+    @property
+    def stages_per_rank(self) -> int:
+        """Pipeline stages one rank holds: 2 for the interleaved schedule, else 1."""
+        return 2 if self.pp_schedule == "interleaved1f1b" and self.pp > 1 else 1
+
+    @property
+    def stages(self) -> int:
+        """Pipeline stages per replica (1 without pipeline parallelism)."""
+        return self.pp * self.stages_per_rank
 
 
 @dataclass(kw_only=True)
@@ -311,6 +345,64 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class TrackingConfig:
+    """MLflow tracking: where runs go, what happens when the server is missing."""
+
+    enabled: bool = True
+    """false = NullTracker (nothing logged)."""
+    uri: str = ""
+    """Tracking URI; "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow/mlflow.db (cwd)."""
+    experiment: str = "cnnflow"
+    offline: bool = False
+    """Log to the local sqlite store and never contact a server (says where in the log)."""
+    check_timeout_s: float = 5.0
+    """Seconds to wait for the server's /health before failing, before any training."""
+    log_system_metrics: bool = False
+    """CPU/memory/disk/network (and GPU) sampled every 10 s, logged every minute."""
+    spool_dir: str = ""
+    """Where tracking calls go if the server dies mid-run ("" = <out dir>/mlflow-spool)."""
+    model_name: str = "cnnflow"
+    """Registered model name (no '/', ':', '@'; MLflow path rules)."""
+
+    def __post_init__(self) -> None:
+        _check(self.check_timeout_s > 0, "tracking.check_timeout_s", "> 0 seconds",
+               self.check_timeout_s)
+        _check(bool(self.experiment.strip()), "tracking.experiment", "a non-empty name",
+               self.experiment)
+        _check(bool(self.model_name) and not any(c in self.model_name for c in "/:@"),
+               "tracking.model_name", "a name without '/', ':' or '@'", self.model_name)
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig:
+    """Score the test split, register the model, maybe promote it."""
+
+    model: str = ""
+    """"" = train.out_dir; or models:/<name>@<alias>, models:/<name>/<version>,
+    runs:/<id>/model."""
+    out_dir: str = "reports"
+    top_k: int = 3
+    batch_size: int = 256
+    max_misclassified: int = 36
+    """Images in reports/plots/misclassified.png."""
+    register: bool = True
+    """Register the evaluated model version as @challenger with its test metrics."""
+    promote: bool = True
+    margin: float = 0.0
+    """Test-accuracy gain the challenger needs over the champion (0.002 = 0.2 points)."""
+    promote_across_datasets: bool = False
+    """Promote a challenger trained on another dataset version (figures not comparable)."""
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "batch_size"):
+            _check(getattr(self, name) >= 1, f"evaluate.{name}", "an int >= 1",
+                   getattr(self, name))
+        _check(self.max_misclassified >= 0, "evaluate.max_misclassified", "an int >= 0",
+               self.max_misclassified)
+        _check(0 <= self.margin < 1, "evaluate.margin", "a number in [0, 1)", self.margin)
+
+
+@dataclass(kw_only=True)
 class Params:
     """All sections of params.yaml."""
 
@@ -321,6 +413,9 @@ class Params:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 # ---------------------------------------------------------------------------- loading

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def write_params(path: Path, shards: Path, work: Path, overrides: list[str]) -> Path:
     """A params.yaml for a run in `work` on `shards`, with `overrides` applied."""
     base = [f"train.shards={shards}", f"train.out_dir={work / 'out'}",
-            f"checkpoint.dir={work / 'ckpt'}", "train.log_every=1"]
+            f"checkpoint.dir={work / 'ckpt'}", "train.log_every=1", "tracking.enabled=false"]
     params = load_params(None, base + overrides)
     path.write_text(yaml.safe_dump(to_dict(params), sort_keys=False))
     return path

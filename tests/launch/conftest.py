@@ -25,4 +25,5 @@ def digits_shards(tmp_path_factory) -> Path:
 
 def params_text(overrides: list[str]) -> str:
     """params.yaml text (as the launcher puts it in the job's ConfigMap)."""
-    return yaml.safe_dump(to_dict(load_params(None, overrides)), sort_keys=False)
+    params = load_params(None, ["tracking.enabled=false", *overrides])
+    return yaml.safe_dump(to_dict(params), sort_keys=False)

@@ -1,0 +1,173 @@
+"""The pipeline's stages with their MLflow child runs: what the CLI, the DVC stages and
+the KFP components all call.
+
+Each `run_*` takes the resolved `Params`, opens a child run of the pipeline's parent run
+(`CNNFLOW_PARENT_RUN_ID`, or a new parent), logs the stage's flattened config and lineage
+tags, does the work with the plain library function, and closes the run FINISHED or
+FAILED. With `tracking.enabled: false` nothing is logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cnnflow.config import Params, flatten
+from cnnflow.tracking import NullTracker
+
+log = logging.getLogger("cnnflow")
+
+
+def _degrees(params: Params, world_size: int) -> dict[str, int]:
+    pc = params.parallel
+    dp = pc.dp or max(1, world_size // max(1, pc.pp * pc.fsdp))
+    return {"dp": dp, "pp": pc.pp, "fsdp": pc.fsdp}
+
+
+@contextmanager
+def stage_tracker(params: Params, stage: str, *, out_dir: str | Path,
+                  dataset_version: str | None = None, world_size: int = 1) -> Iterator[Any]:
+    """A child run for `stage` (a NullTracker when tracking is off or on ranks > 0)."""
+    tc = params.tracking
+    if not tc.enabled or int(os.environ.get("RANK", "0")) != 0:
+        yield NullTracker()
+        return
+    from cnnflow.tracking.mlflow_tracker import stage_run
+
+    tracker = stage_run(
+        stage, params=flatten(params), experiment=tc.experiment, tracking_uri=tc.uri or None,
+        dataset_version=dataset_version, world_size=world_size,
+        degrees=_degrees(params, world_size),
+        spool_dir=tc.spool_dir or Path(out_dir) / "mlflow-spool",
+        log_system_metrics=tc.log_system_metrics, offline=tc.offline,
+        timeout_s=tc.check_timeout_s,
+    )
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.close(status)
+        if getattr(tracker, "buffering", False):
+            log.warning("MLflow was unreachable during %s: its records are kept in %s; "
+                        "upload them with `cnnflow tracking sync %s`", stage,
+                        tracker.spool_dir, tracker.spool_dir)
+
+
+def run_prepare(params: Params) -> dict[str, Any]:
+    from cnnflow.data.prepare import prepare
+
+    cfg = params.prepare
+    with stage_tracker(params, "prepare", out_dir=cfg.out_dir) as tracker:
+        meta = prepare(cfg)
+        tracker.set_tags({"cnnflow.dataset_version": meta["version"]})
+        tracker.log_metrics({f"{s}_count": float(meta["splits"][s]["count"])
+                             for s in ("train", "val", "test")}, step=0)
+        tracker.log_artifact(Path(cfg.out_dir) / "dataset.json", "data")
+    return meta
+
+
+def run_shard(params: Params) -> dict[str, Any]:
+    from cnnflow.data.shards import write_shards
+
+    out = params.shard.out_dir
+    with stage_tracker(params, "shard", out_dir=out) as tracker:
+        manifest = write_shards(params.prepare.out_dir, out,
+                                samples_per_shard=params.shard.samples_per_shard,
+                                workers=params.shard.workers)
+        tracker.set_tags({"cnnflow.dataset_version": manifest["dataset_version"]})
+        tracker.log_metrics({"shards": float(sum(len(s["shards"])
+                                                 for s in manifest["splits"].values()))}, 0)
+        tracker.log_artifact(Path(out) / "manifest.json", "data")
+        if hasattr(tracker, "log_dataset"):
+            tracker.log_dataset(out, context="shards")
+    return manifest
+
+
+def run_train(params: Params) -> dict[str, Any]:
+    """Train in this process (one rank of torchrun / a PyTorchJob, or a world of 1)."""
+    from cnnflow.data.shards import read_manifest
+    from cnnflow.train.trainer import train
+
+    tc = params.train
+    shards = tc.shards or params.shard.out_dir
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    version = None
+    if params.tracking.enabled and int(os.environ.get("RANK", "0")) == 0:
+        version = read_manifest(shards)["dataset_version"]
+    with stage_tracker(params, "train", out_dir=tc.out_dir, dataset_version=version,
+                       world_size=world) as tracker:
+        if hasattr(tracker, "log_dataset"):
+            tracker.log_dataset(shards, context="train")
+        summary = train(params, tracker=tracker)
+        if hasattr(tracker, "log_model"):
+            info = tracker.log_model(tc.out_dir)
+            record = {"run_id": tracker.run_id,
+                      "model_uri": info.model_uri if info else None}
+            (Path(tc.out_dir) / "mlflow.json").write_text(json.dumps(record, indent=2) + "\n")
+    return summary
+
+
+def run_evaluate(params: Params, model: str = "") -> dict[str, Any]:
+    """Score the model on the test split; register it as @challenger; run the gate."""
+    from cnnflow import registry
+    from cnnflow.data.shards import read_manifest
+    from cnnflow.evaluate import evaluate
+
+    ec, tc = params.evaluate, params.tracking
+    shards = params.train.shards or params.shard.out_dir
+    source = model or ec.model or params.train.out_dir
+    version = read_manifest(shards)["dataset_version"]
+    with stage_tracker(params, "evaluate", out_dir=ec.out_dir,
+                       dataset_version=version) as tracker:
+        metrics = evaluate(source, shards, ec.out_dir, tracker=tracker, top_k=ec.top_k,
+                           batch_size=ec.batch_size, max_misclassified=ec.max_misclassified,
+                           tracking_uri=tc.uri or None)
+        _training_curves(params.train.out_dir, Path(ec.out_dir) / "plots")
+        result: dict[str, Any] = {"metrics": metrics}
+        if tc.enabled and ec.register:
+            ref = _model_ref(source)
+            if ref is None:
+                log.warning("no logged model for %s (was MLflow unreachable during "
+                            "training?): not registered", source)
+            else:
+                result["registered"] = registry.register(ref, tc.model_name, metrics=metrics,
+                                                         tracking_uri=tc.uri or None)
+                if ec.promote:
+                    result["promotion"] = registry.promote(
+                        tc.model_name, result["registered"]["version"], margin=ec.margin,
+                        promote_across_datasets=ec.promote_across_datasets,
+                        run_id=getattr(tracker, "run_id", None), tracking_uri=tc.uri or None)
+    return result
+
+
+def _model_ref(source: str) -> str | None:
+    """The MLflow reference of the model at `source` (a URI, or the train dir's record)."""
+    if "://" in source or source.startswith(("models:/", "runs:/")):
+        return source
+    record = Path(source) / "mlflow.json"
+    if not record.is_file():
+        return None
+    return json.loads(record.read_text()).get("model_uri")
+
+
+def _training_curves(train_dir: str | Path, plots: Path) -> None:
+    """metrics.jsonl as a CSV that `dvc plots` draws (one row per epoch)."""
+    src = Path(train_dir) / "metrics.jsonl"
+    if not src.is_file():
+        return
+    rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    keys = ["epoch", "step", "loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
+    plots.mkdir(parents=True, exist_ok=True)
+    lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
+    (plots / "training.csv").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,369 @@
+"""MLflow behind the `Tracker` interface: a parent run per pipeline, a child run per stage.
+
+    parent = start_parent_run(experiment="cnnflow")   # or resume $CNNFLOW_PARENT_RUN_ID
+    tracker = stage_run("train", params=flatten(params), parent_run_id=parent,
+                        dataset_version=version, world_size=4, degrees={"dp": 4})
+    tracker.log_metrics({"loss": 0.3}, step=10)
+    tracker.log_model("outputs/train")
+    tracker.close()
+
+Where runs go: `tracking_uri` argument > `$MLFLOW_TRACKING_URI` > `sqlite:///mlflow/mlflow.db`
+(relative to the working directory; artifacts of a sqlite store go to `artifacts/` beside
+the database file). The file store is never used: MLflow 3.17 refuses it by default.
+
+Faults: `check_reachable` fails a run with one line before training when the server
+does not answer (unless `offline`, which logs to the local sqlite store). Once a run has
+started, an MLflow error never stops training: the tracker warns once and spools every
+later call to a local directory (`cnnflow.tracking.sync`), uploaded by `sync`.
+Only global rank 0 creates a tracker; the trainer gives other ranks `NullTracker`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cnnflow.errors import CnnflowError
+from cnnflow.tracking.lineage import detect_runner, lineage_tags, stringify
+from cnnflow.tracking.sync import BATCH, Spool, upload
+
+log = logging.getLogger("cnnflow")
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
+PARENT_ENV = "CNNFLOW_PARENT_RUN_ID"
+PARENT_TAG, PIPELINE_TAG = "mlflow.parentRunId", "cnnflow.pipeline_key"
+# Client retries once the run has started: MLflow's default (7 retries, backoff factor 2)
+# waits minutes per call before a dead server is noticed; 2 retries cost ~2-4 s.
+HTTP_RETRIES, HTTP_BACKOFF = "2", "1"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The URI to use, creating the directory of a sqlite database."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise a one-line CnnflowError when the tracking store cannot be used at all."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                if response.status == 200:
+                    return
+                reason = f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:
+            reason = f"HTTP {exc.code}"
+        except (OSError, ValueError) as exc:
+            reason = str(getattr(exc, "reason", exc))
+        raise CnnflowError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it "
+            f"(`cnnflow mlflow-server`), fix MLFLOW_TRACKING_URI, or set tracking.offline=true "
+            f"to log to {DEFAULT_TRACKING_URI}"
+        )
+    db = _sqlite_path(uri)
+    if db is not None and not os.access(db.parent if not db.exists() else db, os.W_OK):
+        raise CnnflowError(f"{uri}: the sqlite tracking store {db} is not writable")
+
+
+def _artifact_root(uri: str) -> str | None:
+    """For a sqlite store: `<db dir>/artifacts` (a server decides for itself: None)."""
+    db = _sqlite_path(uri)
+    return (db.parent.resolve() / "artifacts").as_uri() if db is not None else None
+
+
+def ensure_experiment(client, name: str) -> str:
+    """The id of experiment `name`, created (with the store's artifact root) if absent."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    root = _artifact_root(client.tracking_uri)
+    location = f"{root}/{name}" if root else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # noqa: BLE001 - another process created it first
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+@contextlib.contextmanager
+def fluent_target(uri: str, run_id: str | None = None) -> Iterator[None]:
+    """Point MLflow's fluent API (which `log_model`/`load_model` use) at `uri` and at the
+    experiment of `run_id`, restoring both afterwards: the fluent globals otherwise put a
+    logged model in experiment 0 of whatever store was last set."""
+    import mlflow
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils
+
+    # Not mlflow's own _use_tracking_uri: restoring "no URI" there also deletes
+    # $MLFLOW_TRACKING_URI from the environment.
+    old_uri, old_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    old_experiment = fluent._active_experiment_id
+    mlflow.set_tracking_uri(uri)
+    try:
+        if run_id:
+            fluent._active_experiment_id = (
+                mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id)
+        yield
+    finally:
+        fluent._active_experiment_id = old_experiment
+        mlflow.set_tracking_uri(old_uri)
+        if old_env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
+def dataset_input(manifest: dict[str, Any], source: str, context: str):
+    """The shard set as an `mlflow.data` MetaDataset: no data copied, digest = version.
+
+    MLflow caps a dataset digest at 36 characters, so the digest is the version's first
+    36 hex digits (144 bits); the full version is the run tag `cnnflow.dataset_version`.
+    """
+    import numpy as np
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.types.schema import Schema, TensorSpec
+
+    h, w, c = manifest["image_shape"]
+    schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, c, h, w), "image"),
+                     TensorSpec(np.dtype(np.int64), (-1,), "label")])
+    version = manifest["dataset_version"]
+    if "://" not in source:
+        source = Path(source).resolve().as_uri()
+    # HTTPDatasetSource is the generic "a URL" source; file:// URLs are recorded as given
+    ds = MetaDataset(HTTPDatasetSource(source), name=f"shards-{version[:12]}",
+                     digest=version[:36], schema=schema)
+    return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+
+
+class MlflowTracker:
+    """One MLflow run. Implements `Tracker`, plus log_dataset/log_model/log_dict."""
+
+    def __init__(self, run_id: str, *, tracking_uri: str, spool_dir: str | Path | None = None,
+                 log_system_metrics: bool = False, meta: dict[str, Any] | None = None) -> None:
+        from mlflow import MlflowClient
+
+        self.run_id, self.tracking_uri = run_id, tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.spool_dir = Path(spool_dir or Path("mlflow-spool") / run_id).resolve()
+        self._meta = {"run_id": run_id, "tracking_uri": tracking_uri, **(meta or {})}
+        self.spool: Spool | None = None  # set once MLflow failed: every later call goes here
+        self._monitor = None
+        if log_system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            # 10 s samples, logged every 6: a minute of CPU/memory/disk/network per point
+            self._monitor = SystemMetricsMonitor(run_id, sampling_interval=10,
+                                                 samples_before_logging=6,
+                                                 tracking_uri=tracking_uri)
+            self._monitor.start()
+
+    @property
+    def buffering(self) -> bool:
+        return self.spool is not None
+
+    def _do(self, call, kind: str, **payload: Any) -> None:
+        """Run an MLflow call; on the first failure switch to the spool for good."""
+        if self.spool is None:
+            try:
+                call()
+                return
+            except Exception as exc:  # noqa: BLE001 - any MLflow/network error; training goes on
+                self._start_spooling(exc)
+        assert self.spool is not None
+        if kind == "artifact":
+            payload["file"] = self.spool.keep(payload.pop("path"))
+        elif kind == "model":
+            payload["file"] = self.spool.keep_model(payload.pop("path"))
+        self.spool.write(kind, **payload)
+
+    def _start_spooling(self, exc: Exception) -> None:
+        self.spool = Spool(self.spool_dir, self._meta)
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc)
+        log.warning("MLflow at %s failed (%s); training continues and tracking is spooled "
+                    "to %s; upload it later with `cnnflow tracking sync %s`",
+                    self.tracking_uri, reason, self.spool_dir, self.spool_dir)
+        if self._monitor is not None:
+            self._monitor._shutdown_event.set()  # no finish(): it would retry the dead server
+            self._monitor = None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        values = stringify(params)
+        items = [Param(k, v) for k, v in values.items()]
+        self._do(lambda: [self.client.log_batch(self.run_id, params=items[i:i + BATCH])
+                          for i in range(0, len(items), BATCH)], "params", params=values)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        values = stringify(tags)
+        items = [RunTag(k, v) for k, v in values.items()]
+        self._do(lambda: [self.client.log_batch(self.run_id, tags=items[i:i + BATCH])
+                          for i in range(0, len(items), BATCH)], "tags", tags=values)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)  # ms since the epoch, MLflow's metric timestamp
+        values = {k: float(v) for k, v in metrics.items()}
+        items = [Metric(k, v, now, step) for k, v in values.items()]
+        self._do(lambda: self.client.log_batch(self.run_id, metrics=items), "metrics",
+                 metrics=values, step=step, timestamp_ms=now)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._do(lambda: upload(self.client, self.run_id, path, artifact_path), "artifact",
+                 path=str(path), artifact_path=artifact_path)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        """A JSON artifact (written to a temp dir first, so it can also be spooled)."""
+        import json
+        import posixpath
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / posixpath.basename(artifact_file)
+            path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+            self.log_artifact(path, posixpath.dirname(artifact_file) or None)
+
+    def log_dataset(self, shards: str | Path, context: str = "train") -> None:
+        """Dataset lineage: the shard set (digest = dataset version) as a run input."""
+        from cnnflow.data.shards import read_manifest
+
+        manifest = read_manifest(shards)
+        self._do(lambda: self.client.log_inputs(
+            self.run_id, datasets=[dataset_input(manifest, str(shards), context)]),
+            "dataset", manifest=manifest, source=str(shards), context=context)
+
+    def log_model(self, model_dir: str | Path, name: str = "model"):
+        """Log the train output's model (see cnnflow.registry) and model.json; the
+        ModelInfo, or None when it was spooled."""
+        from cnnflow.registry import log_model
+
+        result: list = []
+        self.log_artifact(Path(model_dir) / "model.json")
+        self._do(lambda: result.append(log_model(model_dir, run_id=self.run_id,
+                                                 tracking_uri=self.tracking_uri, name=name)),
+                 "model", path=str(model_dir), name=name)
+        return result[0] if result else None
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self._monitor is not None:
+            with contextlib.suppress(Exception):
+                self._monitor.finish()
+            self._monitor = None
+        self._do(lambda: self.client.set_terminated(self.run_id, status), "status",
+                 status=status)
+        if self.spool is not None:
+            log.warning("MLflow run %s was spooled to %s; upload it with "
+                        "`cnnflow tracking sync %s`", self.run_id, self.spool_dir,
+                        self.spool_dir)
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+def _prepare(tracking_uri: str | None, offline: bool, timeout_s: float) -> str:
+    uri = resolve_tracking_uri(tracking_uri)
+    if offline and not uri.startswith("sqlite:"):
+        uri = resolve_tracking_uri(DEFAULT_TRACKING_URI)
+        log.warning("tracking offline: logging to %s (%s); the server is not contacted",
+                    uri, _sqlite_path(uri).resolve())
+    check_reachable(uri, timeout_s)
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_RETRIES)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", HTTP_BACKOFF)
+    return uri
+
+
+def start_parent_run(*, experiment: str = "cnnflow", run_name: str | None = None,
+                     runner: str | None = None, pipeline_key: str | None = None,
+                     tracking_uri: str | None = None, offline: bool = False,
+                     timeout_s: float = 5.0) -> str:
+    """The pipeline's parent run id: `$CNNFLOW_PARENT_RUN_ID`, else the run tagged with
+    `pipeline_key` (default `$KFP_RUN_ID`: every KFP component finds the same parent),
+    else a new run. The id is exported to `$CNNFLOW_PARENT_RUN_ID` for child processes.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = _prepare(tracking_uri, offline, timeout_s)
+    client = MlflowClient(tracking_uri=uri)
+    given = os.environ.get(PARENT_ENV)
+    if given:
+        try:
+            return client.get_run(given).info.run_id
+        except MlflowException:
+            raise CnnflowError(f"{PARENT_ENV}={given}: no such run at {uri}") from None
+    experiment_id = ensure_experiment(client, experiment)
+    runner = runner or detect_runner()
+    key = pipeline_key or os.environ.get("KFP_RUN_ID")
+    run_id = None
+    if key:
+        found = client.search_runs([experiment_id], f"tags.`{PIPELINE_TAG}` = '{key}'",
+                                   max_results=1)
+        run_id = found[0].info.run_id if found else None
+    if run_id is None:
+        tags = {"cnnflow.runner": runner, "cnnflow.role": "pipeline"}
+        if key:
+            tags[PIPELINE_TAG] = key
+        run = client.create_run(experiment_id, run_name=run_name or f"{runner}-pipeline",
+                                tags=tags)
+        run_id = run.info.run_id
+    os.environ[PARENT_ENV] = run_id
+    return run_id
+
+
+def end_parent_run(run_id: str, status: str = "FINISHED", tracking_uri: str | None = None
+                   ) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri)).set_terminated(run_id, status)
+
+
+def stage_run(stage: str, *, params: dict[str, Any] | None = None,
+              parent_run_id: str | None = None, experiment: str = "cnnflow",
+              tracking_uri: str | None = None, runner: str | None = None,
+              dataset_version: str | None = None, world_size: int | None = None,
+              degrees: dict[str, int] | None = None, spool_dir: str | Path | None = None,
+              log_system_metrics: bool = False, offline: bool = False,
+              timeout_s: float = 5.0) -> MlflowTracker:
+    """Open a child run for `stage` under the pipeline's parent run and log its config
+    (flattened params) and lineage tags. Fails with one line, before any work, when the
+    tracking server is unreachable (unless `offline`)."""
+    from mlflow import MlflowClient
+
+    uri = _prepare(tracking_uri, offline, timeout_s)
+    runner = runner or detect_runner()
+    parent = parent_run_id or start_parent_run(experiment=experiment, runner=runner,
+                                               tracking_uri=uri, timeout_s=timeout_s)
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.get_run(parent).info.experiment_id
+    tags = lineage_tags(stage, runner=runner, dataset_version=dataset_version,
+                        world_size=world_size, degrees=degrees)
+    tags[PARENT_TAG] = parent
+    run = client.create_run(experiment_id, run_name=stage, tags=tags)
+    meta = {"experiment_name": experiment, "run_name": stage, "tags": tags,
+            "parent_run_id": parent}
+    tracker = MlflowTracker(run.info.run_id, tracking_uri=uri, spool_dir=spool_dir,
+                            log_system_metrics=log_system_metrics, meta=meta)
+    if params:
+        tracker.log_params(params)
+    return tracker

@@ -1,0 +1,168 @@
+"""A real `mlflow server` (and `mlflow models serve`) as a managed subprocess.
+
+    cnnflow mlflow-server                     # run_server("mlflow/mlflow.db", "mlflow/artifacts")
+    MLFLOW_TRACKING_URI=http://127.0.0.1:5000 cnnflow train
+
+The server binds to 127.0.0.1 only; to expose it (a cluster Service) bind 0.0.0.0 and
+name the Service host in `allowed_hosts`, or its security middleware answers 403.
+`--serve-artifacts --artifacts-destination` makes the server the only writer of the
+artifact directory: clients upload over HTTP and never need its disk.
+
+The subprocess runs in its own session (process group), so stopping it also stops the
+uvicorn worker it starts. MLflow's background job runner (GenAI scorers and prompt
+optimisation, ~7 huey processes that triple the start-up time) is off unless
+MLFLOW_SERVER_ENABLE_JOB_EXECUTION is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from cnnflow.errors import CnnflowError
+
+MLFLOW = [sys.executable, "-m", "mlflow"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free now (another process may take it before we bind)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def store_uri(store: str | Path) -> str:
+    """`mlflow/mlflow.db` -> `sqlite:////abs/mlflow/mlflow.db`; URIs pass through."""
+    text = str(store)
+    if "://" in text:
+        return text
+    path = Path(text).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _answers(url: str, timeout_s: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+class ManagedProcess:
+    """A subprocess in its own process group, with a URL it answers on when ready."""
+
+    def __init__(self, cmd: list[str], url: str, probe: str, log_path: str | Path | None,
+                 env: dict[str, str] | None = None) -> None:
+        self.url, self.probe, self.cmd = url, probe, cmd
+        self.log_path = Path(log_path) if log_path else None
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **(env or {})},
+                                         start_new_session=True)
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise CnnflowError(f"{' '.join(self.cmd[2:4])} exited with code "
+                                   f"{self.proc.returncode}; see {self.log_path or 'its output'}")
+            if _answers(self.url + self.probe):
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise CnnflowError(f"{self.url}{self.probe} did not answer within {timeout_s:.0f} s; "
+                           f"see {self.log_path or 'its output'}")
+
+    def _signal_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)  # pgid == pid: start_new_session made it a leader
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM the group, SIGKILL after `timeout_s`."""
+        self._signal_group(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self._signal_group(signal.SIGKILL)
+            self.proc.wait()
+        self._signal_group(signal.SIGKILL)  # workers that outlived their parent
+
+    def kill(self) -> None:
+        """SIGKILL the whole group at once: a crash, for fault tests."""
+        self._signal_group(signal.SIGKILL)
+        self.proc.wait()
+
+
+def start_server(store: str | Path, artifacts_dir: str | Path, host: str = "127.0.0.1",
+                 port: int = 5000, *, allowed_hosts: str | None = None,
+                 log_path: str | Path | None = None, timeout_s: float = 90.0,
+                 wait: bool = True) -> ManagedProcess:
+    """Start `mlflow server` and return once `/health` answers (or at once: `wait=False`,
+    then call `.wait_ready(timeout_s)` before using it)."""
+    artifacts = Path(artifacts_dir).resolve()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    cmd = [*MLFLOW, "server", "--host", host, "--port", str(port),
+           "--backend-store-uri", store_uri(store), "--serve-artifacts",
+           "--artifacts-destination", str(artifacts), "--workers", "1"]
+    if allowed_hosts:
+        cmd += ["--allowed-hosts", allowed_hosts]
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION":
+           os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+    server = ManagedProcess(cmd, f"http://{host}:{port}", "/health", log_path, env)
+    if wait:
+        server.wait_ready(timeout_s)
+    return server
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kubectl delete, systemd) stops it like Ctrl-C
+
+
+def run_server(store: str | Path = "mlflow/mlflow.db", artifacts_dir: str | Path =
+               "mlflow/artifacts", host: str = "127.0.0.1", port: int = 5000,
+               allowed_hosts: str | None = None) -> None:
+    """Run the tracking server in the foreground until Ctrl-C (or SIGTERM)."""
+    server = start_server(store, artifacts_dir, host, port, allowed_hosts=allowed_hosts)
+    print(f"MLflow server at {server.url} (store {store_uri(store)}, artifacts "
+          f"{Path(artifacts_dir).resolve()}); Ctrl-C stops it", flush=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.stop()
+    print("MLflow server stopped", flush=True)
+
+
+def serve_model(model_uri: str, port: int, host: str = "127.0.0.1", *,
+                tracking_uri: str | None = None, log_path: str | Path | None = None,
+                timeout_s: float = 90.0) -> ManagedProcess:
+    """`mlflow models serve -m URI --env-manager local`; returns once /ping answers.
+
+    `--env-manager local` serves from this environment (no virtualenv or conda build):
+    the model's pip requirements are exactly what is installed here.
+    """
+    cmd = [*MLFLOW, "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "-h", host, "-p", str(port), "-w", "1"]
+    # the scoring server execs `uvicorn`: find it beside this interpreter even when the
+    # virtualenv is not activated
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {"PATH": path, **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})}
+    server = ManagedProcess(cmd, f"http://{host}:{port}", "/ping", log_path, env)
+    server.wait_ready(timeout_s)
+    return server

@@ -1,0 +1,152 @@
+"""`dvc repro` and `dvc exp run` on the real pipeline, in a temporary git repository.
+
+The test copies the project's DVC files, params.yaml, the raw digits and the source tree
+into a new git repository (identity set here), then drives the real `dvc` command line.
+MLflow logs to a sqlite store in the temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _run(cmd: list[str], cwd: Path, env: dict, check: bool = True,
+         timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def _set(params: Path, dotted: str, value) -> None:
+    data = yaml.safe_load(params.read_text())
+    section, key = dotted.split(".")
+    data[section][key] = value
+    params.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A git repo holding the project's pipeline, with a reduced training config."""
+    work = tmp_path_factory.mktemp("dvcrepo")
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, work / name)
+    (work / ".dvc").mkdir()
+    shutil.copy(ROOT / ".dvc" / "config", work / ".dvc" / "config")
+    shutil.copytree(ROOT / "data" / "raw", work / "data" / "raw")
+    shutil.copytree(ROOT / "src", work / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (work / ".gitignore").write_text("/mlflow/\n/remote/\n")
+    params = work / "params.yaml"
+    for dotted, value in (("train.epochs", 2), ("launch.nproc_per_node", 2),
+                          ("model.width", 16), ("shard.workers", 1), ("prepare.workers", 1)):
+        _set(params, dotted, value)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow' / 'mlflow.db'}",
+           "GIT_AUTHOR_NAME": "cnnflow-test", "GIT_AUTHOR_EMAIL": "test@cnnflow.invalid",
+           "GIT_COMMITTER_NAME": "cnnflow-test", "GIT_COMMITTER_EMAIL": "test@cnnflow.invalid"}
+    (work / "mlflow").mkdir()
+    _run(["git", "init", "-q", "-b", "main"], work, env)
+    _run(["git", "add", "-A"], work, env)
+    _run(["git", "commit", "-qm", "pipeline"], work, env)
+    return work, env
+
+
+def _metrics(work: Path) -> dict:
+    return json.loads((work / "reports" / "metrics.json").read_text())
+
+
+def test_repro_then_noop_then_param_change(repo):
+    work, env = repo
+    first = _run([str(BIN / "dvc"), "repro"], work, env)
+    for stage in ("prepare", "shard", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in first.stdout
+    assert (work / "outputs" / "train" / "model.pt").is_file()
+    assert _metrics(work)["accuracy"] > 0.5
+    _run(["git", "add", "-A"], work, env)
+    _run(["git", "commit", "-qm", "first repro"], work, env)
+
+    again = _run([str(BIN / "dvc"), "repro"], work, env)
+    assert "Data and pipelines are up to date" in again.stdout
+    assert "Running stage" not in again.stdout
+
+    _set(work / "params.yaml", "optim.lr", 0.05)
+    changed = _run([str(BIN / "dvc"), "repro"], work, env)
+    assert "Stage 'prepare' didn't change" in changed.stdout
+    assert "Stage 'shard' didn't change" in changed.stdout
+    assert "Running stage 'train'" in changed.stdout
+    assert "Running stage 'evaluate'" in changed.stdout
+
+    diff = _run([str(BIN / "dvc"), "metrics", "diff", "--json"], work, env)
+    assert "accuracy" in json.loads(diff.stdout)["reports/metrics.json"]
+    plots = _run([str(BIN / "dvc"), "plots", "diff", "-o", str(work / "plots-html")], work,
+                 env)
+    assert (work / "plots-html" / "index.html").is_file(), plots.stdout
+
+    # MLflow runs started by DVC carry the runner tag and dvc.lock hashes
+    from mlflow import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs(client.search_experiments()[0].experiment_id,
+                              "tags.`cnnflow.runner` = 'dvc'")
+    stages = {r.data.tags.get("cnnflow.stage") for r in runs}
+    assert {"prepare", "shard", "train", "evaluate"} <= stages
+    train = next(r for r in runs if r.data.tags.get("cnnflow.stage") == "train")
+    assert any(k.startswith("cnnflow.dvc.") for k in train.data.tags), train.data.tags
+    _run(["git", "checkout", "params.yaml", "dvc.lock"], work, env)
+    _run([str(BIN / "dvc"), "checkout", "-f"], work, env)
+
+
+def test_experiment_runs_and_is_listed(repo):
+    work, env = repo
+    _run([str(BIN / "dvc"), "exp", "run", "-S", "optim.lr=0.05", "-S", "train.epochs=3"],
+         work, env)
+    shown = _run([str(BIN / "dvc"), "exp", "show", "--json"], work, env)
+    text = shown.stdout
+    assert "accuracy" in text and "0.05" in text
+
+
+def test_bad_param_type_fails_with_the_cli_error_and_keeps_outputs(repo):
+    work, env = repo
+    before_model = (work / "outputs" / "train" / "model.pt").read_bytes()
+    before_metrics = (work / "reports" / "metrics.json").read_text()
+    proc = _run([str(BIN / "dvc"), "exp", "run", "-S", "train.epochs=abc"], work, env,
+                check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "cnnflow: error: params.yaml: train.epochs: expected an int, got 'abc'" in out
+    assert (work / "outputs" / "train" / "model.pt").read_bytes() == before_model
+    assert (work / "reports" / "metrics.json").read_text() == before_metrics
+    _run(["git", "checkout", "params.yaml"], work, env)
+
+
+def test_push_pull_round_trip_through_a_local_remote(repo):
+    work, env = repo
+    remote = work / "remote"
+    _run([str(BIN / "dvc"), "remote", "add", "-f", "-d", "local", str(remote)], work, env)
+    _run([str(BIN / "dvc"), "push"], work, env)
+    assert any(remote.rglob("*")), "nothing pushed"
+    before = (work / "data" / "shards" / "manifest.json").read_text()
+    model = (work / "outputs" / "train" / "model.pt").read_bytes()
+    shutil.rmtree(work / ".dvc" / "cache")
+    shutil.rmtree(work / "data" / "shards")
+    (work / "outputs" / "train" / "model.pt").unlink()
+    _run([str(BIN / "dvc"), "pull"], work, env)
+    assert (work / "data" / "shards" / "manifest.json").read_text() == before
+    assert (work / "outputs" / "train" / "model.pt").read_bytes() == model
+    _run([str(BIN / "cnnflow"), "verify", "data/shards"], work, env)
