@@ -37,5 +37,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
+## mlflow-ui: a real MLflow server on 127.0.0.1:5000 over the local store (Ctrl-C stops it)
+mlflow-ui: $(STAMP)
+	$(VENV)/bin/cnnflow mlflow-server
+
 clean:
 	rm -rf data/prepared data/shards outputs reports

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import requests
 import torch
@@ -29,14 +35,41 @@ def test_champion_is_served(server_uri, shards, model_dir, tmp_path):
     server = serve_model("models:/served@champion", port, tracking_uri=server_uri,
                          log_path=tmp_path / "serve.log")
     try:
-        # curl -s -X POST http://127.0.0.1:PORT/invocations \
-        #   -H 'Content-Type: application/json' -d '{"inputs": [[[[0.0, ...]]]]}'
         response = requests.post(f"{server.url}/invocations",
                                  json={"inputs": images.float().numpy().tolist()}, timeout=30)
+        readme_answer = _readme_curl(port)
     finally:
         server.stop()
+    # the README's curl line (its image is digit 0 of the embedded set) gets the
+    # probabilities the in-process model gives
+    example = np.asarray(_readme_inputs(), dtype=np.float32)
+    with torch.no_grad():
+        local = registry.packaged(model, meta)(torch.from_numpy(example)).numpy()
+    np.testing.assert_allclose(readme_answer, local, rtol=1e-5, atol=1e-7)
     assert response.status_code == 200, response.text
     got = np.asarray(response.json()["predictions"], dtype=np.float32)
     assert got.shape == (4, len(meta["classes"]))
     np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_line(prefix: str) -> str:
+    return next(line for line in README.read_text().splitlines() if line.startswith(prefix))
+
+
+def _readme_inputs() -> list:
+    payload = re.search(r"-d '(.*)'$", _readme_line("curl ")).group(1)
+    return json.loads(payload)["inputs"]
+
+
+def _readme_curl(port: int) -> np.ndarray:
+    """Run the README's curl line, pointed at `port`, and return its predictions."""
+    serve = _readme_line("MLFLOW_TRACKING_URI=")
+    assert "models:/cnnflow@champion" in serve and "--env-manager local" in serve
+    args = shlex.split(_readme_line("curl "))
+    args = [a.replace("127.0.0.1:5001", f"127.0.0.1:{port}") for a in args]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60, check=True)
+    return np.asarray(json.loads(out.stdout)["predictions"], dtype=np.float32)
