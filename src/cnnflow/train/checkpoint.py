@@ -3,6 +3,11 @@
 A checkpoint file is complete or absent: a crash (or SIGKILL, or Ctrl-C) while writing
 leaves only a `*.tmp` file, which is ignored and cleaned up. The newest complete
 checkpoint is found by the step number in its name, `step-00000120.pt`.
+
+Sharded strategies (FSDP, pipeline) write a directory `step-00000120/` instead: every rank
+saves its part with torch.distributed.checkpoint into `.step-00000120.tmp/`, rank 0 adds
+`meta.pt` (scheduler, RNG, data position) and renames the directory, so it too is
+complete or absent.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 from cnnflow.errors import CnnflowError
 
 log = logging.getLogger("cnnflow")
-_NAME = re.compile(r"^step-(\d{8})\.pt$")
+_NAME = re.compile(r"^step-(\d{8})(\.pt)?$")  # a file, or a DCP directory
 
 
 class CheckpointMismatchError(CnnflowError):
@@ -110,12 +115,50 @@ class Checkpointer:
             return None
         path = self.path_for(step)
         atomic_save(payload, path)
-        for old in self.complete()[: -self.keep]:
-            old.unlink(missing_ok=True)
+        self._prune()
         return path
 
+    def _prune(self) -> None:
+        for old in self.complete()[: -self.keep]:
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+
+    def save_sharded(self, step: int, state: dict[str, Any], meta: dict[str, Any], *,
+                     main: bool) -> Path:
+        """Collective: every rank writes its shards of `state` (DCP); rank 0 writes `meta`
+        and publishes the directory by renaming it."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        final = self.dir / f"step-{step:08d}"
+        tmp = self.dir / f".step-{step:08d}.tmp"
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        dcp.save(state, checkpoint_id=tmp)  # returns once every rank's files are written
+        if main:
+            atomic_save(meta, tmp / "meta.pt")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            self._prune()
+        dist.barrier()
+        return final
+
+    def load_sharded(self, path: str | Path, state: dict[str, Any]) -> None:
+        """Fill `state` (the shapes this rank holds now) in place from a DCP directory;
+        tensors are resharded by name, so any sharded strategy reads any other's."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load(state, checkpoint_id=Path(path))
+
     def load(self, path: Path) -> dict[str, Any]:
+        """A checkpoint file, or a checkpoint directory's meta.pt (shards: load_sharded)."""
         try:
+            if path.is_dir():
+                return torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # a truncated or foreign file
             kind = type(exc).__name__

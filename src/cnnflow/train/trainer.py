@@ -1,9 +1,11 @@
-"""Wire the pieces: process group, data streams, model, DDP, checkpoints, tracker.
+"""Wire the pieces: process group, data streams, model, parallelism, checkpoints, tracker.
 
 `train(params)` runs identically in one process, under torchrun and in a PyTorchJob pod;
 only global rank 0 writes outputs, checkpoints and tracker entries. It resumes from the
 newest complete checkpoint by itself, so a restarted worker (torchrun --max-restarts, a
-PyTorchJob restartPolicy) continues where the job left off.
+PyTorchJob restartPolicy) continues where the job left off. How the model is spread over
+the ranks (DDP, FSDP/HSDP, pipeline, dp x pp) is `distributed.parallelize`'s business: the
+trainer drives a `Strategy` and always writes a single-device model.pt.
 """
 
 from __future__ import annotations
@@ -20,15 +22,11 @@ import torch
 import torch.distributed as dist
 
 from cnnflow.config import Params, flatten
-from cnnflow.distributed import ddp as dp
 from cnnflow.distributed.env import DistEnv, init_distributed, shutdown
+from cnnflow.distributed.mesh import resolve_degrees
+from cnnflow.distributed.parallelize import Strategy, log_plan, parallelize
 from cnnflow.errors import CnnflowError
-from cnnflow.models import (
-    build_model,
-    convert_norm_for_distributed,
-    count_parameters,
-    model_config_dict,
-)
+from cnnflow.models import build_model, count_parameters, model_config_dict, model_from_config_dict
 from cnnflow.tracking import NullTracker, Tracker
 from cnnflow.train import loop
 from cnnflow.train.checkpoint import (
@@ -104,16 +102,7 @@ def train(params: Params, *, tracker: Tracker | None = None, env: DistEnv | None
 
 def _train(params: Params, env: DistEnv, tracker: Tracker) -> dict[str, Any]:
     tc, pc, oc = params.train, params.parallel, params.optim
-    if pc.pp > 1 or pc.fsdp > 1:
-        raise CnnflowError(
-            f"parallel.pp={pc.pp} parallel.fsdp={pc.fsdp}: this trainer runs data parallel "
-            "only; expected pp=1 and fsdp=1"
-        )
-    if pc.dp not in (0, env.world_size):
-        raise CnnflowError(
-            f"parallel.dp={pc.dp}: expected 0 or the world size {env.world_size} "
-            "(dp x pp x fsdp must equal the world size)"
-        )
+    degrees = resolve_degrees(pc, env.world_size, env.rank)
     shards = tc.shards or params.shard.out_dir
     from cnnflow.data.shards import read_manifest
 
@@ -126,8 +115,8 @@ def _train(params: Params, env: DistEnv, tracker: Tracker) -> dict[str, Any]:
             f"dataset version {version[:12]}; re-run prepare and shard, or change the setting"
         )
     data = StreamBatches(
-        shards, global_batch=tc.batch_size, grad_accum=tc.grad_accum, rank=env.rank,
-        world_size=env.world_size, streams=tc.streams, seed=tc.seed,
+        shards, global_batch=tc.batch_size, grad_accum=tc.grad_accum, rank=degrees.data_rank,
+        world_size=degrees.data_world, streams=tc.streams, seed=tc.seed,
         num_workers=tc.loader_workers, expected_version=version, mean=norm["mean"],
         std=norm["std"], augment_images=tc.augment, flip=tc.flip,
     )
@@ -142,11 +131,9 @@ def _train(params: Params, env: DistEnv, tracker: Tracker) -> dict[str, Any]:
 
     torch.manual_seed(tc.seed)
     model = build_model(params.model, in_shape=in_shape, num_classes=num_classes)
-    if env.distributed:
-        model = convert_norm_for_distributed(model, params.model, device=env.device)
-    model = model.to(env.device)
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    n_params = count_parameters(model)
+    strategy = parallelize(model, params, env, in_shape=in_shape)
+    del model  # a pipeline rank keeps only its stages
 
     out_dir = Path(tc.out_dir)
     ckpt = Checkpointer(params.checkpoint.dir, params.checkpoint.keep, enabled=env.is_main)
@@ -155,15 +142,14 @@ def _train(params: Params, env: DistEnv, tracker: Tracker) -> dict[str, Any]:
     if tc.max_steps:
         total_steps = min(total_steps, tc.max_steps)
     lr = loop.peak_lr(oc, tc.batch_size)
-    optimizer = loop.build_optimizer(model.parameters(), oc, lr)
+    optimizer = loop.build_optimizer(strategy.parameters(), oc, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: loop.lr_factor(oc, s, total_steps, data.steps_per_epoch)
     )
     state = TrainState()
     payload = _resume(params, env, ckpt, model_cfg, version)
     if payload is not None:
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
+        strategy.load(payload, optimizer, ckpt)
         scheduler.load_state_dict(payload["scheduler"])
         state = TrainState(**payload["state"])
         set_rng_state(payload["rng"][env.rank] if env.rank < len(payload["rng"])
@@ -175,26 +161,26 @@ def _train(params: Params, env: DistEnv, tracker: Tracker) -> dict[str, Any]:
                      "it was written (restart %s)", payload["_path"], state.step, state.epoch,
                      state.batch_in_epoch, lost, restarts)
 
-    model, comm = dp.wrap_ddp(model, env, pc)
-    if tc.compile:
-        model = torch.compile(model)
+    strategy.finish()
+    log_plan(strategy, optimizer)
 
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         tracker.log_params(flatten(params))
         tracker.set_tags({"dataset_version": version, "world_size": str(env.world_size),
-                          "parallel.dp": str(env.world_size), "torch": torch.__version__})
-        log.info("training %s (%d parameters) on %s: %d ranks, %d streams, global batch %d, "
-                 "%d steps/epoch, %d steps", params.model.name, count_parameters(model),
-                 shards, env.world_size, data.streams, tc.batch_size, data.steps_per_epoch,
-                 total_steps)
+                          "parallel.dp": str(degrees.dp), "parallel.pp": str(degrees.pp),
+                          "parallel.fsdp": str(degrees.fsdp), "parallel.strategy": strategy.name,
+                          "torch": torch.__version__})
+        log.info("training %s (%d parameters) on %s: %d ranks (%s), %d streams, global batch "
+                 "%d, %d steps/epoch, %d steps", params.model.name, n_params, shards,
+                 env.world_size, strategy.name, data.streams, tc.batch_size,
+                 data.steps_per_epoch, total_steps)
 
     prof = _profiler(tc, env, out_dir)
     steps_log = out_dir / "steps.jsonl"
     try:
-        _run_epochs(params, env, model, data, optimizer, scheduler, state, ckpt, progress,
-                    comm, tracker, prof, total_steps, model_cfg, version, steps_log, shards,
-                    norm)
+        _run_epochs(params, env, strategy, data, optimizer, scheduler, state, ckpt, progress,
+                    tracker, prof, total_steps, model_cfg, version, steps_log, shards, norm)
     except KeyboardInterrupt:
         last = ckpt.latest()
         raise CnnflowError(
@@ -205,17 +191,26 @@ def _train(params: Params, env: DistEnv, tracker: Tracker) -> dict[str, Any]:
         if prof is not None:
             prof.stop()
 
-    final = dp.unwrap(model)
+    full = strategy.full_state_dict()  # collective for sharded strategies
     summary = {"steps": state.step, "epochs": state.epoch, "history": state.history,
-               "dataset_version": version, "world_size": env.world_size}
+               "dataset_version": version, "world_size": env.world_size,
+               "strategy": strategy.name}
+    final = None
     if env.is_main:
-        _save_model(out_dir, final, model_cfg, manifest)
+        _save_model(out_dir, full, model_cfg, manifest)
         _write_json(out_dir / "summary.json", summary)
         log.info("wrote %s", out_dir / "model.pt")
+        final = strategy.module if strategy.name == "ddp" else _single_device(model_cfg, full)
     if env.distributed:
         dist.barrier()
-    summary["model"] = final
+    summary["model"] = final  # the single-device model on rank 0, None elsewhere
     return summary
+
+
+def _single_device(model_cfg: dict, state_dict: dict) -> torch.nn.Module:
+    model = model_from_config_dict(model_cfg)
+    model.load_state_dict(state_dict, strict=True)
+    return model
 
 
 def _profiler(tc, env: DistEnv, out_dir: Path):
@@ -242,28 +237,23 @@ def _profiler(tc, env: DistEnv, out_dir: Path):
     return prof
 
 
-def _run_epochs(params, env, model, data, optimizer, scheduler, state, ckpt, progress, comm,
-                tracker, prof, total_steps, model_cfg, version, steps_log, shards, norm):
-    tc, pc, oc = params.train, params.parallel, params.optim
-    device = env.device
+def _run_epochs(params, env, strategy: Strategy, data, optimizer, scheduler, state, ckpt,
+                progress, tracker, prof, total_steps, model_cfg, version, steps_log, shards,
+                norm):
+    tc = params.train
     every = params.checkpoint.every_steps
 
     def save():
-        if env.distributed and pc.local_sgd_period:
-            dp.average_parameters(model, env.world_size)  # checkpoints hold the mean model
-        rngs = _gather_rng(env)
-        ckpt.save(state.step, {
-            "model": dp.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "state": asdict(state), "rng": rngs,
-            "model_config": model_cfg, "dataset_version": version,
+        strategy.save(ckpt, state.step, optimizer, {
+            "scheduler": scheduler.state_dict(), "state": asdict(state),
+            "rng": _gather_rng(env), "model_config": model_cfg, "dataset_version": version,
             "world_size": env.world_size,
         })
 
-    model.train()
     while state.epoch < tc.epochs and state.step < total_steps:
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples
         timing = {"data_s": 0.0, "compute_s": 0.0}
-        comm.pop()
+        strategy.comm.pop()
         epoch_start = time.perf_counter()
         steps_this_epoch = 0
         batches = data.epoch(state.epoch, state.batch_in_epoch)
@@ -274,30 +264,17 @@ def _run_epochs(params, env, model, data, optimizer, scheduler, state, ckpt, pro
             except StopIteration:
                 break
             t1 = time.perf_counter()
-            local = dp.local_sgd_active(pc, state.step)
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for i, (x, y) in enumerate(micro):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if tc.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                skip = local or i < len(micro) - 1
-                with dp.no_sync(model, skip):
-                    loss, logits = loop.forward_loss(model, x, y, tc.precision,
-                                                     oc.label_smoothing)
-                    (loss / len(micro)).backward()
-                step_loss += loss.item() / len(micro)
-                sums[1] += (logits.argmax(1) == y).sum().item()
-                sums[2] += y.numel()
+            step_loss, correct, count = strategy.train_step(micro, state.step)
+            sums[1] += correct
+            sums[2] += count
             optimizer.step()
             scheduler.step()
             state.step += 1
             state.batch_in_epoch += 1
             steps_this_epoch += 1
             sums[0] += step_loss
-            if local and env.distributed and (state.step - pc.local_sgd_start_step) % \
-                    pc.local_sgd_period == 0:
-                dp.average_parameters(model, env.world_size)
+            strategy.after_step(state.step)
             t2 = time.perf_counter()
             timing["data_s"] += t1 - t0
             timing["compute_s"] += t2 - t1
@@ -305,7 +282,7 @@ def _run_epochs(params, env, model, data, optimizer, scheduler, state, ckpt, pro
                 prof.step()
             progress.write(state.step)
             if state.step % tc.log_every == 0 or state.step == total_steps:
-                mean_loss = _mean_over_ranks(step_loss, env)
+                mean_loss = _mean_over_ranks(step_loss, env, strategy.loss_ranks)
                 if env.is_main:
                     row = {"step": state.step, "epoch": state.epoch, "loss": mean_loss,
                            "lr": scheduler.get_last_lr()[0]}
@@ -318,22 +295,21 @@ def _run_epochs(params, env, model, data, optimizer, scheduler, state, ckpt, pro
         wall = time.perf_counter() - epoch_start
         if env.distributed:
             dist.all_reduce(sums)
-        val = loop.evaluate(
-            model, eval_batches(shards, "val", batch_size=256, rank=env.rank,
-                                world_size=env.world_size, mean=norm["mean"], std=norm["std"],
-                                expected_version=version),
-            device, tc.precision, env.distributed)
+        val = strategy.evaluate(
+            eval_batches(shards, "val", batch_size=256, rank=strategy.data_rank,
+                         world_size=strategy.data_world, mean=norm["mean"], std=norm["std"],
+                         expected_version=version))
         samples = sums[2].item()
         row = {
             "epoch": state.epoch, "step": state.step,
-            "loss": sums[0].item() / max(1, steps_this_epoch * max(1, env.world_size)),
+            "loss": sums[0].item() / max(1, steps_this_epoch * max(1, strategy.loss_ranks)),
             "train_accuracy": sums[1].item() / max(1.0, samples),
             "val_loss": val["loss"], "val_accuracy": val["accuracy"],
             "lr": scheduler.get_last_lr()[0],
             "samples_per_s": samples / wall if wall > 0 else 0.0,
             "step_time_s": wall / max(1, steps_this_epoch),
             "data_s": timing["data_s"], "compute_s": timing["compute_s"],
-            "comm_s": comm.pop(),
+            "comm_s": strategy.comm.pop(),
         }
         if epoch_done:
             state.epoch += 1
@@ -350,12 +326,13 @@ def _run_epochs(params, env, model, data, optimizer, scheduler, state, ckpt, pro
         save()
 
 
-def _mean_over_ranks(value: float, env: DistEnv) -> float:
+def _mean_over_ranks(value: float, env: DistEnv, ranks: int) -> float:
+    """Sum over all ranks / `ranks` (the ranks that computed a loss; others add 0)."""
     if not env.distributed:
         return value
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
-    return t.item() / env.world_size
+    return t.item() / ranks
 
 
 def _gather_rng(env: DistEnv) -> list[dict]:
@@ -368,12 +345,12 @@ def _gather_rng(env: DistEnv) -> list[dict]:
     return out
 
 
-def _save_model(out_dir: Path, model: torch.nn.Module, model_cfg: dict, manifest: dict) -> None:
-    """model.pt (state dict) + model.json: rebuildable without the training code."""
+def _save_model(out_dir: Path, state_dict: dict, model_cfg: dict, manifest: dict) -> None:
+    """model.pt (the single-device state dict) + model.json: rebuildable without the
+    training code, whatever the parallelism was."""
     from cnnflow.train.checkpoint import atomic_save
 
-    atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                out_dir / "model.pt")
+    atomic_save(state_dict, out_dir / "model.pt")
     meta = {"model": model_cfg, "dataset_version": manifest["dataset_version"],
             "classes": manifest["classes"], "image_shape": manifest["image_shape"],
             "normalize": manifest["normalize"]}
