@@ -17,21 +17,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-## run: the whole pipeline on the embedded defaults (digits)
+## run: the whole pipeline with kfp.local on params.yaml (digits, 2 training processes)
 run: $(STAMP)
-	$(VENV)/bin/cnnflow prepare
-	$(VENV)/bin/cnnflow shard
-	$(VENV)/bin/cnnflow verify
-	$(VENV)/bin/python -m torch.distributed.run --standalone --nproc_per_node=2 -m cnnflow.train
-	@echo "outputs: data/prepared/ (dataset.json), data/shards/ (manifest.json, *.tar)," \
-	  "outputs/train/ (model.pt, model.json, metrics.jsonl), outputs/checkpoints/"
+	$(VENV)/bin/cnnflow pipeline run
+	@echo "outputs: data/prepared/, data/shards/, runs/<job>/train/ (model), reports/," \
+	  "outputs/kfp/ (KFP artifacts), mlflow/mlflow.db (runs, registry)"
 
 ## test: the whole suite (unit, distributed, pipeline)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench components pipelines
 
 ## bench: every benchmark in bench/, each printing ratios against its baseline
 bench: $(STAMP)

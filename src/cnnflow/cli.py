@@ -272,6 +272,68 @@ def launch(
         typer.echo(f"PyTorchJob {outcome.namespace}/{outcome.name} succeeded")
 
 
+pipeline_app = typer.Typer(
+    help="The Kubeflow pipeline: compile it, run it with kfp.local, submit it to a cluster.",
+    no_args_is_help=True,
+)
+app.add_typer(pipeline_app, name="pipeline")
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="YAML to write (the committed copy is the default).")] = Path(
+        "pipelines/compiled/cnn_training.yaml"),
+) -> None:
+    """Compile the training pipeline (commit pipelines/compiled/cnn_training.yaml)."""
+    from cnnflow.pipeline import compile_pipeline
+
+    typer.echo(f"compiled the pipeline -> {compile_pipeline(out)}")
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    workspace: Annotated[Path, typer.Option(
+        "--workspace", help="Directory the stages run in: the PVC of a cluster run.")] = Path("."),
+    cache: Annotated[bool, typer.Option(
+        "--cache/--no-cache", help="kfp.local caching of prepare and shard.")] = False,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run the whole pipeline with kfp.local; training runs with launch.backend."""
+    from cnnflow.pipeline import run_local
+
+    p = _params(params, set_)
+    r = run_local(p, workspace=workspace, cache=cache)
+    share = r["orchestration_s"] / r["wall_s"] if r["wall_s"] else 0.0
+    typer.echo(f"pipeline succeeded in {r['wall_s']:.1f} s (training job {r['job_s']:.1f} s, "
+               f"the rest {r['orchestration_s']:.1f} s = {share:.0%}); "
+               f"model {r['model'].get('path')}; champion decision: {r['decision']}")
+
+
+@pipeline_app.command("submit")
+def pipeline_submit(
+    host: Annotated[str, typer.Option("--host", help="KFP API endpoint, e.g. "
+                                                     "http://localhost:8080.")],
+    experiment: Annotated[str, typer.Option("--experiment")] = "cnnflow",
+    run_name: Annotated[str, typer.Option("--run-name", help="Default: a timestamp.")] = "",
+    namespace: Annotated[str, typer.Option(
+        "--namespace", help="KFP namespace (multi-user installs).")] = "",
+    service_account: Annotated[str, typer.Option(
+        "--service-account", help="Service account the steps run as (default: KFP's); the "
+                                  "train step needs the cnnflow-launcher Role's rights.")] = "",
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Start a run on a KFP endpoint and print its URL (launch.backend=kubernetes unless
+    --set says otherwise)."""
+    from cnnflow.pipeline import submit
+
+    p = _params(params, ["launch.backend=kubernetes", *(set_ or [])])
+    typer.echo(submit(p, host=host, experiment=experiment, run_name=run_name,
+                      namespace=namespace or None, service_account=service_account or None))
+
+
 def main_train() -> None:
     """`python -m cnnflow.train [--params F] [--set k=v]`: the launchers' entrypoint."""
     sys.argv = [sys.argv[0], "train", *sys.argv[1:]]

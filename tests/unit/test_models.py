@@ -228,8 +228,9 @@ def test_convert_norm_for_distributed():
     assert any(isinstance(m, nn.SyncBatchNorm) for m in cuda.modules())
 
 
-def _allreduce_bn_worker(rank: int, world: int, init_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _allreduce_bn_worker(rank: int, world: int, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
     try:
         torch.manual_seed(0)
         x = torch.randn(8, 4, 5, 5) * 3 + 1
@@ -254,10 +255,16 @@ def _allreduce_bn_worker(rank: int, world: int, init_file: str) -> None:
             torch.testing.assert_close(grad, p_ref.grad, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(bn.running_mean, ref.running_mean)
         torch.testing.assert_close(bn.running_var, ref.running_var)
+        dist.barrier()  # neither rank tears down its connections while the other still reads
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.distributed
 def test_allreduce_batchnorm_over_two_gloo_ranks_equals_full_batch(tmp_path):
-    mp.spawn(_allreduce_bn_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_allreduce_bn_worker, args=(2, port), nprocs=2, join=True)

@@ -75,7 +75,7 @@ def test_fast_writer_matches_webdataset_tarwriter_byte_for_byte():
         for i in range(30)
     ]
     fast, plain = io.BytesIO(), io.BytesIO()
-    with shards._ReproducibleTarWriter(fast) as writer:
+    with shards._writer_class()(fast) as writer:
         for sample in samples:
             writer.write(sample)
     with wds.TarWriter(plain, user="", group="", mode=0o644, mtime=0, encoder=False) as writer:

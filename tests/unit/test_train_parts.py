@@ -103,3 +103,42 @@ def test_bad_launch_environment_names_the_variable(monkeypatch):
     with pytest.raises(DistributedInitError, match=r"RANK=2 WORLD_SIZE=2"):
         read_env()
     assert os.environ["RANK"] == "2"
+
+
+def test_resume_is_refused_when_the_training_trajectory_changed(tmp_path):
+    from cnnflow.config import load_params
+    from cnnflow.train.checkpoint import (
+        CheckpointMismatchError,
+        check_compatible,
+        trajectory_config,
+    )
+
+    old = load_params(None, ["optim.lr=0.1"])
+    payload = {"model_config": {"name": "small_cnn"}, "dataset_version": "v",
+               "trajectory": trajectory_config(old)}
+    path = tmp_path / "step-00000010.pt"
+    same_but_paths = load_params(None, ["optim.lr=0.1", "train.out_dir=elsewhere",
+                                        "train.threads=1", "parallel.fsdp=2"])
+    check_compatible(payload, {"name": "small_cnn"}, "v", path,
+                     trajectory_config(same_but_paths))
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"other training settings \(optim\.lr 0\.1 -> 0\.05\); "
+                             r"set checkpoint\.fresh=true"):
+        check_compatible(payload, {"name": "small_cnn"}, "v", path,
+                         trajectory_config(load_params(None, ["optim.lr=0.05"])))
+
+
+@pytest.mark.parametrize("shape", [(16, 1, 8, 8), (8, 3, 32, 32)])
+def test_augment_gather_and_slice_paths_agree_with_a_per_sample_crop(shape):
+    images = torch.randint(0, 255, shape, dtype=torch.uint8)
+    out = loop.augment(images, torch.Generator().manual_seed(7), flip=True)
+    gen = torch.Generator().manual_seed(7)
+    n, _, h, w = shape
+    pad = max(1, min(h, w) // 8)
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)
+    flips = torch.rand(n, generator=gen) < 0.5
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    for i in range(n):
+        dy, dx = int(offsets[i, 0]), int(offsets[i, 1])
+        crop = padded[i, :, dy:dy + h, dx:dx + w]
+        assert torch.equal(out[i], crop.flip(-1) if flips[i] else crop)

@@ -19,6 +19,7 @@ lets DVC cache them and lets the manifest's checksums identify the content.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -31,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 
 from cnnflow.errors import ShardError
 from cnnflow.progress import progress
@@ -69,76 +69,85 @@ def npy_header(shape: tuple[int, ...]) -> bytes:
 # ---------------------------------------------------------------------------- writing
 
 
-class _ReproducibleTarWriter(wds.TarWriter):
-    """A TarWriter with fixed metadata and a cached header template per member size.
+@functools.cache
+def _writer_class() -> type:
+    """The TarWriter subclass, built on first use: importing webdataset imports torch
+    (about 2 s), which the shard stage and its pool workers otherwise never need."""
+    import webdataset as wds
 
-    Fixed metadata (mtime 0, uid/gid 0, empty user/group names, mode 0o644) makes the
-    tar bytes depend only on the samples. `TarWriter.write` builds every header through
-    `tarfile` (~25 us per member); all members of one size share the same header except
-    for the name and checksum, so this class patches a template instead. The bytes are
-    identical to `TarWriter.write` (tests compare them); names that do not fit the
-    100-byte USTAR name field take TarWriter's own path.
-    """
+    class _ReproducibleTarWriter(wds.TarWriter):
+        """A TarWriter with fixed metadata and a cached header template per member size.
 
-    def __init__(self, fileobj: Any) -> None:
-        super().__init__(io.BytesIO(), user="", group="", mode=0o644, mtime=0, encoder=False)
-        # TarWriter always opens a stream-mode archive ("w|"), which pushes every write
-        # through a 10 KiB buffer, re-slicing it each time. Plain "w" mode on the same
-        # file writes identical bytes and lets whole runs of samples go out in one write.
-        self.stream = fileobj
-        self.tarstream = tarfile.open(  # noqa: SIM115 - closed by TarWriter.close
-            fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT
-        )
-        self._templates: dict[int, tuple[bytes, int]] = {}
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
+        Fixed metadata (mtime 0, uid/gid 0, empty user/group names, mode 0o644) makes the
+        tar bytes depend only on the samples. `TarWriter.write` builds every header through
+        `tarfile` (~25 us per member); all members of one size share the same header except
+        for the name and checksum, so this class patches a template instead. The bytes are
+        identical to `TarWriter.write` (tests compare them); names that do not fit the
+        100-byte USTAR name field take TarWriter's own path.
+        """
 
-    def _template(self, size: int) -> tuple[bytes, int]:
-        """(header with an empty name field, checksum of that header) for `size`."""
-        if size not in self._templates:
-            info = tarfile.TarInfo("x")
-            info.size, info.mtime, info.mode = size, self.mtime, self.mode
-            info.uname, info.gname = self.user, self.group
-            header = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
-            header[0:100] = bytes(100)
-            header[148:156] = b" " * 8  # the checksum is summed with its own field as spaces
-            self._templates[size] = (bytes(header), sum(header))
-        return self._templates[size]
+        def __init__(self, fileobj: Any) -> None:
+            super().__init__(io.BytesIO(), user="", group="", mode=0o644, mtime=0, encoder=False)
+            # TarWriter always opens a stream-mode archive ("w|"), which pushes every write
+            # through a 10 KiB buffer, re-slicing it each time. Plain "w" mode on the same
+            # file writes identical bytes and lets whole runs of samples go out in one write.
+            self.stream = fileobj
+            self.tarstream = tarfile.open(  # noqa: SIM115 - closed by TarWriter.close
+                fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT
+            )
+            self._templates: dict[int, tuple[bytes, int]] = {}
+            self._pending: list[bytes] = []
+            self._pending_bytes = 0
 
-    def _header(self, name: bytes, size: int) -> bytes:
-        template, base = self._template(size)
-        checksum = base + sum(name)
-        return name.ljust(100, b"\0") + template[100:148] + b"%06o\0 " % checksum + template[156:]
+        def _template(self, size: int) -> tuple[bytes, int]:
+            """(header with an empty name field, checksum of that header) for `size`."""
+            if size not in self._templates:
+                info = tarfile.TarInfo("x")
+                info.size, info.mtime, info.mode = size, self.mtime, self.mode
+                info.uname, info.gname = self.user, self.group
+                header = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+                header[0:100] = bytes(100)
+                header[148:156] = b" " * 8  # the checksum is summed with its own field as spaces
+                self._templates[size] = (bytes(header), sum(header))
+            return self._templates[size]
 
-    def write(self, obj: dict[str, Any]) -> int:
-        key = obj["__key__"]
-        parts, total = [], 0
-        for ext in sorted(obj):
-            if ext.startswith("_"):
-                continue
-            name = f"{key}.{ext}".encode()
-            data = obj[ext]
-            if len(name) > 100 or not name.isascii():
-                return super().write(obj)
-            pad = -len(data) % _BLOCK
-            parts += [self._header(name, len(data)), data, bytes(pad)]
-            total += len(data)
-        # What TarFile.addfile does, minus rebuilding the header: append and advance.
-        self._pending += parts
-        self._pending_bytes += sum(len(p) for p in parts)
-        if self._pending_bytes >= _FLUSH_BYTES:
+        def _header(self, name: bytes, size: int) -> bytes:
+            template, base = self._template(size)
+            checksum = base + sum(name)
+            return (name.ljust(100, b"\0") + template[100:148] + b"%06o\0 " % checksum
+                    + template[156:])
+
+        def write(self, obj: dict[str, Any]) -> int:
+            key = obj["__key__"]
+            parts, total = [], 0
+            for ext in sorted(obj):
+                if ext.startswith("_"):
+                    continue
+                name = f"{key}.{ext}".encode()
+                data = obj[ext]
+                if len(name) > 100 or not name.isascii():
+                    return super().write(obj)
+                pad = -len(data) % _BLOCK
+                parts += [self._header(name, len(data)), data, bytes(pad)]
+                total += len(data)
+            # What TarFile.addfile does, minus rebuilding the header: append and advance.
+            self._pending += parts
+            self._pending_bytes += sum(len(p) for p in parts)
+            if self._pending_bytes >= _FLUSH_BYTES:
+                self._flush()
+            return total
+
+        def _flush(self) -> None:
+            block = b"".join(self._pending)
+            self.tarstream.fileobj.write(block)
+            self.tarstream.offset += len(block)
+            self._pending, self._pending_bytes = [], 0
+
+        def close(self) -> None:
             self._flush()
-        return total
+            super().close()
 
-    def _flush(self) -> None:
-        block = b"".join(self._pending)
-        self.tarstream.fileobj.write(block)
-        self.tarstream.offset += len(block)
-        self._pending, self._pending_bytes = [], 0
-
-    def close(self) -> None:
-        self._flush()
-        super().close()
+    return _ReproducibleTarWriter
 
 
 class _HashingFile:
@@ -180,7 +189,7 @@ def _write_shard(task: tuple[str, str, str, str, int, int, int]) -> dict[str, An
     labels_list = [int(v) for v in labels[first:stop]]
     with open(os.path.join(out, name), "wb", buffering=0) as f:
         hashing = _HashingFile(f)
-        with _ReproducibleTarWriter(hashing) as writer:
+        with _writer_class()(hashing) as writer:
             for i in range(stop - first):
                 writer.write(
                     {

@@ -173,9 +173,33 @@ class Checkpointer:
         return aside
 
 
+# The settings a resumed run must share with the run that wrote the checkpoint: changing
+# any of them changes the optimisation itself (lr, batch, data order, gradients). Paths,
+# logging, threads and the parallel layout may change across a restart, and so may the
+# length (train.epochs, train.max_steps): continuing a run for longer is deliberate.
+_TRAJECTORY_KEYS = {
+    "train": ("batch_size", "grad_accum", "streams", "seed", "augment", "flip",
+              "precision"),
+    "parallel": ("comm_hook", "powersgd_rank", "powersgd_start_step", "local_sgd_period",
+                 "local_sgd_start_step"),
+}
+
+
+def trajectory_config(params: Any) -> dict[str, Any]:
+    """`section.key -> value` of every setting that shapes the training trajectory."""
+    from dataclasses import asdict
+
+    out = {f"optim.{k}": v for k, v in asdict(params.optim).items()}
+    for section, keys in _TRAJECTORY_KEYS.items():
+        values = asdict(getattr(params, section))
+        out.update({f"{section}.{k}": values[k] for k in keys})
+    return out
+
+
 def check_compatible(payload: dict[str, Any], model_config: dict, dataset_version: str,
-                     path: Path) -> None:
-    """Refuse to resume a checkpoint of another model or data set, naming both."""
+                     path: Path, trajectory: dict[str, Any] | None = None) -> None:
+    """Refuse to resume a checkpoint of another model, data set or training setting,
+    naming both values."""
     theirs_model = payload.get("model_config", {})
     if theirs_model != model_config:
         raise CheckpointMismatchError(
@@ -188,6 +212,15 @@ def check_compatible(payload: dict[str, Any], model_config: dict, dataset_versio
             f"{path}: checkpoint of dataset version {theirs_data[:12]}, shards are "
             f"{dataset_version[:12]}; set checkpoint.fresh=true to start over"
         )
+    theirs = payload.get("trajectory")
+    if trajectory is not None and theirs is not None:
+        changed = [k for k in trajectory if theirs.get(k) != trajectory[k]]
+        if changed:
+            what = ", ".join(f"{k} {theirs.get(k)!r} -> {trajectory[k]!r}" for k in changed[:3])
+            raise CheckpointMismatchError(
+                f"{path}: checkpoint written with other training settings ({what}); "
+                "set checkpoint.fresh=true to start over"
+            )
 
 
 def _describe(cfg: dict) -> str:

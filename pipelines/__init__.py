@@ -1,0 +1,1 @@
+"""KFP pipelines; their compiled YAML is committed under pipelines/compiled/."""

@@ -1,0 +1,116 @@
+"""The training pipeline: prepare -> shard -> train (PyTorchJob) -> evaluate, then finish.
+
+    from cnnflow.kfp.cnn_training import cnn_training, build_pipeline
+    kfp.compiler.Compiler().compile(cnn_training, "pipelines/compiled/cnn_training.yaml")
+    build_pipeline(local=True)(**arguments)      # under kfp.local: see cnnflow.pipeline
+
+Parameters: one per params.yaml key (`prepare.seed` -> `prepare_seed`; int, float, bool,
+str, list), with the dataclass defaults of `Params()`, plus `workspace` (default
+/workspace, where every step mounts the PVC launch.volume_claim). The signature is
+generated from `flatten(Params())`, so a new config key is a new pipeline parameter.
+
+Per step: caching on for prepare and shard (deterministic: same parameters, same bytes),
+off for train, evaluate and finish; CPU/memory requests and limits sized for what the step
+itself does (the train step only follows the PyTorchJob, whose pods request launch.cpu,
+launch.memory and launch.gpus); retries with exponential backoff for transient failures
+(cluster only: under kfp.local a failure is not transient, and retrying it just repeats
+it); KFP_RUN_ID and CNNFLOW_RUNNER in the environment (kfp.local: `run_local` exports
+KFP_RUN_ID, since kfp.local does not resolve placeholders in environment values). The
+cached steps get no run-specific input, or no run would ever hit the cache. `finish` is
+the exit handler: it closes the MLflow parent run FINISHED or FAILED whatever happened.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from kfp import dsl, kubernetes
+
+from cnnflow.kfp import components as c
+from cnnflow.kfp.params import WORKSPACE, encode, pipeline_parameters
+
+NAME = "cnn-training"
+DESCRIPTION = ("cnnflow: versioned data -> WebDataset shards -> distributed training "
+               "(PyTorchJob) -> evaluation, registry and promotion gate, tracked in MLflow")
+MOUNT_PATH = "/workspace"  # = launch.mount_path's default and the image's WORKDIR
+
+# (cpu request, cpu limit, memory request, memory limit) of the step's own container
+RESOURCES = {
+    "prepare": ("1", "2", "2Gi", "4Gi"),
+    "shard": ("1", "2", "2Gi", "4Gi"),
+    "train": ("500m", "1", "1Gi", "2Gi"),  # follows the job; the pods do the work
+    "evaluate": ("1", "2", "2Gi", "4Gi"),
+    "finish": ("250m", "500m", "512Mi", "1Gi"),
+}
+CACHED = {"prepare", "shard"}
+RETRIES = {"prepare": 2, "shard": 2, "train": 1, "evaluate": 2, "finish": 2}
+# What each step's params string carries (see cnnflow.kfp.params)
+SECTIONS: dict[str, tuple[str, ...] | None] = {
+    "prepare": ("prepare", "tracking"),
+    "shard": ("prepare", "shard", "tracking"),
+    "train": None,
+    "evaluate": None,
+    "finish": ("tracking", "launch"),
+}
+
+
+def signature() -> inspect.Signature:
+    """`(prepare_source: str = 'digits', ..., workspace: str = '/workspace')`."""
+    return inspect.Signature([
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                          annotation=kind)
+        for name, (kind, default) in pipeline_parameters().items()
+    ])
+
+
+def _configure(task: dsl.PipelineTask, step: str, *, local: bool, claim: Any) -> None:
+    cpu, cpu_limit, memory, memory_limit = RESOURCES[step]
+    task.set_display_name(step)
+    task.set_cpu_request(cpu).set_cpu_limit(cpu_limit)
+    task.set_memory_request(memory).set_memory_limit(memory_limit)
+    task.set_caching_options(step in CACHED)
+    task.set_env_variable("CNNFLOW_RUNNER", "kfp-local" if local else "kfp")
+    if not local:  # kfp.local would pass the placeholder unresolved: run_local exports it
+        task.set_env_variable("KFP_RUN_ID", dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+    if not local and RETRIES[step]:
+        task.set_retry(num_retries=RETRIES[step], backoff_duration="30s", backoff_factor=2.0,
+                       backoff_max_duration="600s")
+    kubernetes.mount_pvc(task, pvc_name=claim, mount_path=MOUNT_PATH)
+
+
+def build_pipeline(local: bool = False):
+    """The pipeline (a kfp GraphComponent). `local=True`: for kfp.local (no retries,
+    CNNFLOW_RUNNER=kfp-local); the DAG, components and parameters are the same."""
+    sig = signature()
+
+    def cnn_training(*args: Any, **kwargs: Any) -> None:
+        values = sig.bind(*args, **kwargs)
+        values.apply_defaults()
+        v = values.arguments
+        ws = {"workspace": v[WORKSPACE]}
+        common = {**ws, "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}  # uncached steps
+
+        def params(step: str) -> str:
+            return encode(v, SECTIONS[step])
+
+        done = c.finish(params=params("finish"), **common)
+        tasks = {"finish": done}
+        with dsl.ExitHandler(done, name="stages"):
+            tasks["prepare"] = c.prepare(params=params("prepare"), **ws)
+            tasks["shard"] = c.shard(params=params("shard"),
+                                     prepared=tasks["prepare"].outputs["dataset"], **ws)
+            tasks["train"] = c.train(params=params("train"),
+                                     shards=tasks["shard"].outputs["shards"], **common)
+            tasks["evaluate"] = c.evaluate(params=params("evaluate"),
+                                           shards=tasks["shard"].outputs["shards"],
+                                           model=tasks["train"].outputs["model"], **common)
+        for step, task in tasks.items():
+            _configure(task, step, local=local, claim=v["launch_volume_claim"])
+
+    cnn_training.__signature__ = sig
+    cnn_training.__doc__ = DESCRIPTION
+    return dsl.pipeline(name=NAME, description=DESCRIPTION)(cnn_training)
+
+
+cnn_training = build_pipeline()

@@ -1,0 +1,257 @@
+"""What the KFP components do, as plain functions (each component calls exactly one).
+
+Every step first `enter`s: it decodes the parameters, changes into the workspace (the PVC
+mounted at /workspace in the cluster; a local directory under kfp.local), so that
+params.yaml's relative paths (data/prepared, data/shards, reports, mlflow/mlflow.db)
+mean what they mean for the CLI and `dvc repro`; exports KFP_RUN_ID and CNNFLOW_RUNNER;
+and finds the pipeline's MLflow parent run by the KFP run id (creating it in the first
+step). The stage function then opens its child run under that parent.
+
+Data never travels through the component's own filesystem: the output artifacts hold the
+paths on shared storage and metadata (dataset version, counts, model URI) plus small
+files (dataset.json, manifest.json, the model's model.json/mlflow.json, the report).
+Artifacts are duck-typed (`.path`, `.metadata`), so tests can pass simple objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cnnflow.config import Params, to_dict
+from cnnflow.kfp.params import decode
+
+PARENT_ENV = "CNNFLOW_PARENT_RUN_ID"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
+
+
+def _resolved(value: str) -> str:
+    """'' for a placeholder the runner left unresolved (kfp.local leaves env values as is)."""
+    return "" if value.startswith("{{") else value
+
+
+def _absolute_uri(uri: str, workspace: Path) -> str:
+    """A relative sqlite URI made absolute against the workspace (the training job and
+    every component must reach the same database from other working directories)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(workspace / uri[len(prefix):])
+    return uri
+
+
+def enter(params_text: str, *, workspace: str, kfp_run_id: str = "",
+          runner: str | None = None) -> Params:
+    """Decode, chdir into the workspace, export the run's identity, open/find the parent run.
+
+    Tracking store: tracking.uri, else $MLFLOW_TRACKING_URI, else (in the cluster)
+    launch.tracking_uri, else sqlite:///mlflow/mlflow.db in the workspace.
+    """
+    params = decode(params_text)
+    ws = Path(workspace).resolve()
+    ws.mkdir(parents=True, exist_ok=True)
+    os.chdir(ws)
+    key = _resolved(os.environ.get("KFP_RUN_ID", "")) or _resolved(kfp_run_id)
+    if key:
+        os.environ["KFP_RUN_ID"] = key
+    else:  # an unresolved placeholder is no run id (and no lineage tag)
+        os.environ.pop("KFP_RUN_ID", None)
+    runner = runner or os.environ.get("CNNFLOW_RUNNER") or "kfp"
+    os.environ["CNNFLOW_RUNNER"] = runner
+    # An inherited parent (e.g. from the shell that started kfp.local) is not this run's.
+    os.environ.pop(PARENT_ENV, None)
+    tc = params.tracking
+    if not tc.enabled:
+        return params
+    from cnnflow.tracking.mlflow_tracker import start_parent_run
+
+    cluster_uri = params.launch.tracking_uri if runner == "kfp" else ""
+    uri = _absolute_uri(tc.uri or os.environ.get("MLFLOW_TRACKING_URI") or cluster_uri
+                        or DEFAULT_TRACKING_URI, ws)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    params = dataclasses.replace(params, tracking=dataclasses.replace(tc, uri=uri))
+    start_parent_run(experiment=tc.experiment, runner=runner, pipeline_key=key or None,
+                     run_name=f"{runner}-{key}" if key else None, tracking_uri=uri,
+                     offline=tc.offline, timeout_s=tc.check_timeout_s)
+    return params
+
+
+def _artifact_dir(artifact: Any) -> Path:
+    path = Path(artifact.path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _copy(src: Path, artifact: Any) -> None:
+    if src.is_file():
+        shutil.copy2(src, _artifact_dir(artifact) / src.name)
+
+
+def _replace(params: Params, section: str, **changes: Any) -> Params:
+    return dataclasses.replace(params, **{section: dataclasses.replace(
+        getattr(params, section), **changes)})
+
+
+def prepare_step(params_text: str, *, workspace: str, kfp_run_id: str = "",
+                 dataset: Any) -> dict[str, Any]:
+    """`run_prepare` into <workspace>/<prepare.out_dir>; `dataset` = its path + dataset.json."""
+    from cnnflow.stages import run_prepare
+
+    params = enter(params_text, workspace=workspace, kfp_run_id=kfp_run_id)
+    meta = run_prepare(params)
+    out = Path(params.prepare.out_dir).resolve()
+    _copy(out / "dataset.json", dataset)
+    dataset.metadata.update({
+        "path": str(out), "dataset_version": meta["version"], "source": meta["source"],
+        **{f"{s}_count": meta["splits"][s]["count"] for s in ("train", "val", "test")}})
+    print(f"prepared {meta['source']} -> {out} (version {meta['version'][:12]})")
+    return meta
+
+
+def shard_step(params_text: str, *, workspace: str, kfp_run_id: str = "",
+               prepared: Any, shards: Any) -> dict[str, Any]:
+    """`run_shard` of the prepared data at `prepared`'s path; `shards` = path + manifest."""
+    from cnnflow.stages import run_shard
+
+    params = enter(params_text, workspace=workspace, kfp_run_id=kfp_run_id)
+    params = _replace(params, "prepare", out_dir=prepared.metadata["path"])
+    manifest = run_shard(params)
+    out = Path(params.shard.out_dir).resolve()
+    _copy(out / "manifest.json", shards)
+    shards.metadata.update({
+        "path": str(out), "dataset_version": manifest["dataset_version"],
+        "shards": sum(len(s["shards"]) for s in manifest["splits"].values()),
+        **{f"{s}_count": v["samples"] for s, v in manifest["splits"].items()}})
+    print(f"sharded {manifest['dataset_version'][:12]} -> {out}")
+    return manifest
+
+
+def _as_mounted(path: str, workspace: Path, mount_path: str) -> str:
+    """`path` as the training pods see it: under the claim's mount path."""
+    try:
+        rel = Path(path).resolve().relative_to(workspace)
+    except ValueError:
+        return path  # outside the workspace: only the local backend can reach it
+    return f"{mount_path.rstrip('/')}/{rel.as_posix()}"
+
+
+def train_step(params_text: str, *, workspace: str, kfp_run_id: str,
+               shards: Any, model: Any) -> dict[str, Any]:
+    """Run the train stage as a PyTorchJob (`launch_training`, backend launch.backend) on
+    the shards at `shards`' path; `model` = the job's output dir, model URI, small files.
+
+    The job name derives from the KFP run id, so a retried step resumes the same job's
+    checkpoints under <mount_path>/runs/<job>/.
+    """
+    from cnnflow.launch import launch_training, local_mounts
+
+    params = enter(params_text, workspace=workspace, kfp_run_id=kfp_run_id)
+    ws = Path.cwd()
+    lc = params.launch
+    changes: dict[str, Any] = {}
+    if not lc.dataset_uri:
+        changes["dataset_uri"] = _as_mounted(shards.metadata["path"], ws, lc.mount_path)
+    if lc.backend == "local":
+        # the pods are processes here: they log where this component does
+        changes["tracking_uri"] = params.tracking.uri if params.tracking.enabled else ""
+        mounts = local_mounts(lc, cwd=str(ws))
+    else:
+        mounts = None
+    params = _replace(params, "launch", **changes)
+    text = yaml.safe_dump(to_dict(params), sort_keys=False)
+    start = time.monotonic()
+    result = launch_training(params.launch, params_yaml=text, run_id=_resolved(kfp_run_id),
+                             parent_run_id=os.environ.get(PARENT_ENV, ""), mounts=mounts,
+                             echo=lambda line: print(line, flush=True))
+    job_s = time.monotonic() - start
+    out = Path(result.out_dir)
+    if not out.is_absolute():
+        out = (ws / out).resolve()
+    record = json.loads((out / "mlflow.json").read_text()) if (out / "mlflow.json").is_file() \
+        else {}
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() \
+        else {}
+    for name in ("model.json", "mlflow.json", "summary.json"):
+        _copy(out / name, model)
+    history = summary.get("history") or [{}]
+    model.metadata.update({
+        "path": str(out), "job": result.name, "backend": result.backend,
+        "checkpoint_dir": result.checkpoint_dir, "job_s": round(job_s, 3),
+        "model_uri": record.get("model_uri") or "", "train_run_id": record.get("run_id") or "",
+        "dataset_version": summary.get("dataset_version", shards.metadata.get("dataset_version")),
+        "val_accuracy": history[-1].get("val_accuracy"),
+    })
+    print(f"PyTorchJob {result.name} ({result.backend}) succeeded in {job_s:.1f} s -> {out}")
+    return dict(model.metadata)
+
+
+def _report(result: dict[str, Any], model: Any, shards: Any) -> str:
+    m = result["metrics"]
+    rows = [f"| {k} | {v:.4f} |" for k, v in m.items()
+            if isinstance(v, float) and not isinstance(v, bool)]
+    lines = ["# cnnflow evaluation", "",
+             f"Model `{model.metadata.get('path')}` (job `{model.metadata.get('job')}`), "
+             f"dataset `{str(shards.metadata.get('dataset_version'))[:12]}`, "
+             f"{m.get('n')} test images.", "", "| metric | value |", "|---|---|", *rows, ""]
+    reg, promo = result.get("registered"), result.get("promotion")
+    if reg:
+        lines.append(f"Registered **{reg['name']}** version **{reg['version']}** "
+                     f"as @{reg['alias']}.")
+    else:
+        lines.append("Not registered (evaluate.register is off, tracking is off, or no "
+                     "logged model).")
+    if promo:
+        champion = ("no champion before" if promo["champion_version"] is None else
+                    f"champion v{promo['champion_version']} accuracy "
+                    f"{promo['champion_accuracy']:.4f}")
+        lines += ["", f"Champion decision: **{promo['decision']}** ({promo['reason']}).",
+                  f"Challenger accuracy {promo['challenger_accuracy']:.4f}; {champion}."]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_step(params_text: str, *, workspace: str, kfp_run_id: str,
+                  shards: Any, model: Any, metrics: Any, report: Any) -> str:
+    """`run_evaluate` of `model` on `shards`: score, register @challenger, promotion gate.
+    Returns (and prints) the champion decision; `metrics` gets the scalar test metrics,
+    `report` the Markdown report for the KFP UI."""
+    from cnnflow.stages import run_evaluate
+
+    params = enter(params_text, workspace=workspace, kfp_run_id=kfp_run_id)
+    path = model.metadata["path"]
+    params = _replace(params, "train", shards=shards.metadata["path"], out_dir=path)
+    result = run_evaluate(params, path)
+    for key, value in result["metrics"].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(key, float(value))
+    Path(report.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(report.path).write_text(_report(result, model, shards), encoding="utf-8")
+    promo = result.get("promotion")
+    decision = promo["decision"] if promo else "none"
+    reason = promo["reason"] if promo else "no promotion gate ran"
+    print(f"champion decision: {decision} ({reason})", flush=True)
+    return decision
+
+
+def finish_step(params_text: str, *, workspace: str, kfp_run_id: str,
+                state: str, error: str = "") -> str:
+    """Close the pipeline's parent run: FINISHED when the pipeline succeeded, else FAILED
+    (the exit handler runs after success and failure alike)."""
+    params = enter(params_text, workspace=workspace, kfp_run_id=kfp_run_id)
+    status = "FINISHED" if state.upper() == "SUCCEEDED" else "FAILED"
+    if params.tracking.enabled:
+        from mlflow import MlflowClient
+
+        parent = os.environ[PARENT_ENV]
+        client = MlflowClient(tracking_uri=params.tracking.uri)
+        client.set_tag(parent, "cnnflow.pipeline_state", state)
+        if error:
+            client.set_tag(parent, "cnnflow.pipeline_error", error[:500])
+        client.set_terminated(parent, status)
+        print(f"MLflow parent run {parent}: {status}")
+    return status

@@ -1,0 +1,283 @@
+"""The KFP layer: compiled pipeline, parameters, one component, kfp.local end to end, errors.
+
+The end-to-end test runs the same pipeline `make run` runs (kfp.local, SubprocessRunner in
+this environment) on a reduced configuration in a temp workspace: 2 epochs, 1 process per
+pod, tracking to a temp sqlite store.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cnnflow.config import Params, flatten, load_params
+from cnnflow.errors import CnnflowError, ConfigError
+from cnnflow.kfp import components as comps
+from cnnflow.kfp.params import decode, encode, kfp_name, to_arguments
+from cnnflow.launch.config import LaunchConfig
+from cnnflow.pipeline import compile_pipeline, run_local, submit
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPILED = ROOT / "pipelines" / "compiled" / "cnn_training.yaml"
+STEPS = ("prepare", "shard", "train", "evaluate", "finish")
+KFP_TYPES = {bool: "BOOLEAN", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", str: "STRING",
+             list: "LIST"}
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory) -> dict:
+    path = compile_pipeline(tmp_path_factory.mktemp("compiled") / "cnn_training.yaml")
+    docs = list(yaml.safe_load_all(path.read_text()))
+    return {"pipeline": docs[0], "platform": docs[1], "text": path.read_text()}
+
+
+def test_every_params_key_is_a_pipeline_parameter(spec):
+    inputs = spec["pipeline"]["root"]["inputDefinitions"]["parameters"]
+    defaults = flatten(Params())
+    assert set(inputs) == {kfp_name(k) for k in defaults} | {"workspace"}
+    for key, default in defaults.items():
+        declared = inputs[kfp_name(key)]
+        assert declared["parameterType"] == KFP_TYPES[type(default)], key
+        assert declared.get("defaultValue", default) == default, key
+    assert inputs["workspace"]["defaultValue"] == "/workspace"
+
+
+def test_platform_spec_mounts_the_pvc_in_every_step(spec):
+    executors = spec["platform"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == {f"exec-{s}" for s in STEPS}
+    for name, config in executors.items():
+        (mount,) = config["pvcMount"]
+        assert mount["mountPath"] == "/workspace", name
+        assert mount["pvcNameParameter"]["componentInputParameter"].endswith(
+            "launch_volume_claim"), name
+
+
+def test_caching_retries_resources_and_env_per_step(spec):
+    pipeline = spec["pipeline"]
+    tasks = {**pipeline["root"]["dag"]["tasks"],
+             **pipeline["components"]["comp-exit-handler-1"]["dag"]["tasks"]}
+    cached = {name for name, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
+    assert cached == {"prepare", "shard"}
+    for step in STEPS:
+        assert tasks[step]["retryPolicy"]["maxRetryCount"] >= 1, step
+        container = pipeline["deploymentSpec"]["executors"][f"exec-{step}"]["container"]
+        assert container["image"] == LaunchConfig().image
+        assert container["resources"]["cpuRequest"] > 0
+        assert container["resources"]["memoryLimit"] > 0
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env == {"KFP_RUN_ID": "{{$.pipeline_job_uuid}}", "CNNFLOW_RUNNER": "kfp"}
+        assert "pip install" not in " ".join(container["command"])  # install_kfp_package=False
+    assert pipeline["root"]["dag"]["tasks"]["finish"]["triggerPolicy"]["strategy"] == \
+        "ALL_UPSTREAM_TASKS_COMPLETED"  # the exit handler runs after a failure too
+    # a run-specific input would give the cached steps a new cache key in every run
+    for step in STEPS:
+        inputs = pipeline["components"][f"comp-{step}"]["inputDefinitions"]["parameters"]
+        assert ("kfp_run_id" in inputs) == (step not in cached), step
+
+
+def test_the_local_variant_differs_only_in_runner_settings(tmp_path):
+    from kfp import compiler
+
+    from cnnflow.kfp.cnn_training import build_pipeline
+
+    path = tmp_path / "local.yaml"
+    compiler.Compiler().compile(build_pipeline(local=True), str(path))
+    local = next(yaml.safe_load_all(path.read_text()))
+    executors = local["deploymentSpec"]["executors"]
+    for step in STEPS:
+        env = {e["name"]: e["value"] for e in executors[f"exec-{step}"]["container"]["env"]}
+        assert env == {"CNNFLOW_RUNNER": "kfp-local"}
+    assert "retryPolicy" not in str(local["root"])
+    assert "retryPolicy" not in str(local["components"])
+
+
+def test_committed_yaml_is_current(spec):
+    assert COMPILED.is_file(), "run `cnnflow pipeline compile` and commit the YAML"
+    assert COMPILED.read_text() == spec["text"], (
+        "pipelines/compiled/cnn_training.yaml is stale: run `cnnflow pipeline compile`")
+
+
+def test_components_are_thin():
+    tree = ast.parse(Path(comps.__file__).read_text())
+    top = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import)
+           for alias in node.names}
+    top |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert top <= {"functools", "kfp"}
+    for step in STEPS:
+        component = getattr(comps, step)
+        body = ast.parse(textwrap.dedent(inspect.getsource(component.python_func)))
+        (func,) = [n for n in body.body if isinstance(n, ast.FunctionDef)]
+        imports = [n for n in func.body if isinstance(n, ast.ImportFrom)]
+        calls = [n for n in ast.walk(func) if isinstance(n, ast.Call)]
+        assert [i.module for i in imports] == ["cnnflow.kfp.steps"], step
+        assert len([c for c in calls if getattr(c.func, "id", "").endswith("_step")]) == 1
+    assert LaunchConfig().image == comps.BASE_IMAGE
+
+
+def test_params_survive_the_round_trip_as_the_runners_render_them():
+    params = load_params(None, ["parallel.pp=2", "parallel.split_points=[stage2.0]",
+                                "optim.lr=0.05", "prepare.path='a dir: with # chars'",
+                                "train.augment=false", "launch.env=[A=1, B=x y]"])
+    text = encode(to_arguments(params))
+    assert decode(text) == params
+    # kfp.local renders ints as floats, booleans in lower case, lists as JSON
+    assert decode("prepare.seed=3.0\x1etrain.augment=true\x1eoptim.betas=[0.8, 0.9]") == \
+        load_params(None, ["prepare.seed=3", "optim.betas=[0.8, 0.9]"])
+    with pytest.raises(ConfigError, match=r"prepare\.seed"):
+        decode("prepare.seed=abc")
+    with pytest.raises(ConfigError, match="unknown"):
+        decode("prepare.nope=1")
+
+
+@pytest.fixture
+def isolated_process(monkeypatch, tmp_path):
+    """Steps chdir and export variables: restore both after an in-process call."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("KFP_RUN_ID", "CNNFLOW_RUNNER", "CNNFLOW_PARENT_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def test_prepare_component_writes_the_workspace_and_describes_it(isolated_process):
+    from kfp import dsl
+
+    ws = isolated_process / "ws"
+    params = load_params(None, ["prepare.source=synthetic", "prepare.num_images=200",
+                                "prepare.workers=1", "tracking.enabled=false"])
+    dataset = dsl.Dataset(uri=str(isolated_process / "artifact"))
+    os.environ["KFP_RUN_ID"] = "{{$.pipeline_job_uuid}}"  # as a backend that leaves it
+    comps.prepare.python_func(params=encode(to_arguments(params), ["prepare", "tracking"]),
+                              workspace=str(ws), dataset=dataset)
+    meta = dataset.metadata
+    assert meta["path"] == str(ws / "data" / "prepared")
+    assert (ws / "data" / "prepared" / "train_images.npy").is_file()
+    written = json.loads((ws / "data" / "prepared" / "dataset.json").read_text())
+    assert json.loads((Path(dataset.path) / "dataset.json").read_text()) == written
+    assert meta["dataset_version"] == written["version"]
+    assert meta["train_count"] + meta["val_count"] + meta["test_count"] == 200
+    assert os.environ["CNNFLOW_RUNNER"] == "kfp"
+    assert "KFP_RUN_ID" not in os.environ  # an unresolved placeholder is not an id
+
+
+@pytest.mark.slow
+def test_kfp_local_pipeline_end_to_end(tmp_path, monkeypatch, capfd):
+    from mlflow import MlflowClient
+
+    ws = tmp_path / "ws"
+    shutil.copytree(ROOT / "data" / "raw" / "digits", ws / "data" / "raw" / "digits")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("CNNFLOW_PARENT_RUN_ID", raising=False)
+    params = load_params(ROOT / "params.yaml", ["train.epochs=2", "launch.nproc_per_node=1",
+                                                "tracking.experiment=kfp-e2e"])
+    result = run_local(params, workspace=ws)
+    out = capfd.readouterr().out
+
+    assert result["decision"] == "promoted"
+    assert "champion decision: promoted (no champion yet)" in out
+    model = result["model"]
+    assert Path(model["path"]) == ws / "runs" / model["job"] / "train"
+    assert (Path(model["path"]) / "model.pt").is_file()
+    assert (ws / "data" / "shards" / "manifest.json").is_file()
+    assert json.loads((ws / "reports" / "metrics.json").read_text())["n"] > 0
+    assert 0 < result["job_s"] < result["wall_s"]
+
+    client = MlflowClient(uri)
+    versions = client.search_model_versions("name='cnnflow'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert str(client.get_model_version_by_alias("cnnflow", "champion").version) == "1"
+    experiment = client.get_experiment_by_name("kfp-e2e").experiment_id
+    runs = client.search_runs([experiment])
+    (parent,) = [r for r in runs if r.data.tags.get("cnnflow.role") == "pipeline"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["cnnflow.runner"] == "kfp-local"
+    assert parent.data.tags["cnnflow.pipeline_key"] == result["run_key"]
+    assert "KFP_RUN_ID" not in os.environ or os.environ["KFP_RUN_ID"] != result["run_key"]
+    children = {r.info.run_name: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"prepare", "shard", "train", "evaluate"}
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    assert all(r.data.tags["cnnflow.runner"] == "kfp-local" for r in children.values())
+    report = next(Path(result["pipeline_root"]).glob("cnn-training-*/evaluate/report"))
+    assert "Champion decision: **promoted**" in report.read_text()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_submit_to_a_closed_port_fails_fast_naming_the_host():
+    host = f"http://127.0.0.1:{_closed_port()}"
+    start = time.monotonic()
+    with pytest.raises(CnnflowError, match=f"KFP host {host} does not answer"):
+        submit(Params(), host=host)
+    assert time.monotonic() - start < 5
+
+
+def test_submit_to_a_silent_host_times_out(monkeypatch):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()  # accepts connections, never answers
+    host = f"http://127.0.0.1:{server.getsockname()[1]}"
+    held: list = []
+    threading.Thread(target=lambda: held.append(server.accept()), daemon=True).start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(CnnflowError, match="does not answer"):
+            submit(Params(), host=host, timeout_s=1.0)
+    finally:
+        server.close()
+    assert time.monotonic() - start < 4
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cnnflow.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def cli_with_pipeline():
+    from cnnflow import cli
+
+    if not any(group.name == "pipeline" for group in cli.app.registered_groups):
+        pytest.skip("`cnnflow pipeline` is not registered in cnnflow.cli yet")
+
+
+@pytest.mark.parametrize("command", [["run"], ["submit", "--host", "http://127.0.0.1:9"]])
+def test_cli_rejects_a_bad_parameter_in_one_line(cli_with_pipeline, command, tmp_path):
+    done = _cli("pipeline", *command, "--set", "prepare.seed=abc", cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "prepare.seed" in lines[0], done.stderr
+    done = _cli("pipeline", *command, "--set", "prepare.sede=1", cwd=tmp_path)
+    assert done.returncode == 2 and "prepare.sede" in done.stderr
+
+
+def test_cli_submit_to_a_closed_port(cli_with_pipeline, tmp_path):
+    host = f"http://127.0.0.1:{_closed_port()}"
+    done = _cli("pipeline", "submit", "--host", host, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"cnnflow: error: KFP host {host} does not answer ([Errno 111] Connection refused)"]
+
+
+def test_cli_compile_writes_the_yaml(cli_with_pipeline, tmp_path):
+    done = _cli("pipeline", "compile", "--out", str(tmp_path / "p.yaml"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "p.yaml").read_text() == COMPILED.read_text()
