@@ -102,7 +102,7 @@ class ShardConfig:
 
     out_dir: str = "data/shards"
     """Shard directory: <split>-000000.tar ... and manifest.json."""
-    samples_per_shard: int = 1000
+    samples_per_shard: int = 256
     """Samples per tar shard. Rule of thumb: 100-500 MB shards on object storage;
     here small shards let several ranks and loader workers each own whole shards."""
     workers: int = 2
@@ -125,7 +125,7 @@ class ModelConfig:
     name: Literal["small_cnn", "resnet20", "resnet56", "resnet18"] = "small_cnn"
     """small_cnn for 8x8/28x28 digits; resnet20/56 (CIFAR style); resnet18 (CIFAR variant)."""
     width: int = 0
-    """Channels of the first stage (0 = the model's default: 32 small_cnn, 16 resnet20/56,
+    """Channels of the first stage (0 = the model's default: 64 small_cnn, 16 resnet20/56,
     64 resnet18). Later stages double it."""
     depth: int = 0
     """small_cnn: conv blocks (0 = 2). resnet: 0 keeps the name's depth (20/56/18)."""
@@ -280,7 +280,7 @@ class TrainConfig:
     refused. "" = train on whatever version the shards hold."""
     out_dir: str = "outputs/train"
     """Final model (model.pt + model.json), metrics.jsonl, traces."""
-    epochs: int = 12
+    epochs: int = 30
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run all epochs)."""
     batch_size: int = 64

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -115,9 +116,13 @@ def test_resume_after_kill_is_bitwise_identical(digits_shards, tmp_path):
 def test_sigkilled_worker_is_recovered_by_torchrun_max_restarts(digits_shards, tmp_path):
     params = write_params(tmp_path / "p.yaml", digits_shards, tmp_path,
                           ["train.epochs=4", "checkpoint.every_steps=3", "model.width=16"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:1",
            "--nproc_per_node=2", "--max-restarts=2", "--rdzv-backend=c10d",
-           "--rdzv-endpoint=127.0.0.1:0", "-m", "cnnflow.train", "--params", str(params)]
+           f"--rdzv-endpoint=127.0.0.1:{port}", "--monitor-interval=0.5", "-m",
+           "cnnflow.train", "--params", str(params)]
     log_path = tmp_path / "torchrun.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

@@ -84,3 +84,15 @@ def test_flatten_covers_every_field_with_dotted_keys():
                 for f in dataclasses.fields(Params))
     assert len(flat) == count
     assert flat["prepare.seed"] == 0 and "train.batch_size" in flat
+
+
+def test_params_yaml_values_are_the_dataclass_defaults():
+    """params.yaml documents the defaults: the KFP pipeline's parameter defaults (from the
+    dataclasses) and a bare `cnnflow` run agree. Two keys differ on purpose: the raw
+    input path (the package copy of digits needs no file) and the processes per pod (one
+    per pod on a cluster, where replicas scale; two on this machine's two cores)."""
+    from_file = flatten(load_params(ROOT / "params.yaml"))
+    defaults = flatten(Params())
+    differ = {k for k in defaults if from_file[k] != defaults[k]}
+    assert differ == {"prepare.path", "launch.nproc_per_node"}, {
+        k: (from_file[k], defaults[k]) for k in differ}

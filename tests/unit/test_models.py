@@ -68,7 +68,7 @@ def test_parameter_counts_match_the_papers(name, expected):
 def test_small_cnn_pools_8x8_to_2x2_and_grows_by_depth_and_width():
     model = _build("small_cnn", (8, 8, 1)).eval()
     assert len(model.blocks) == 2
-    assert model.blocks(_batch((8, 8, 1))).shape == (2, 64, 2, 2)
+    assert model.blocks(_batch((8, 8, 1))).shape == (2, 128, 2, 2)  # width 64 doubled once
     deeper = _build("small_cnn", (28, 28, 1), depth=3, width=8)
     assert [b.conv.out_channels for b in deeper.blocks] == [8, 16, 32]
     assert deeper.blocks(_batch((28, 28, 1))).shape == (2, 32, 3, 3)  # 28 -> 14 -> 7 -> 3

@@ -120,7 +120,9 @@ def init_distributed(backend: str = "auto", timeout_s: float = 60.0, threads: in
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
         # The TCPStore connect honours `timeout`: an unreachable master raises after it.
-        dist.init_process_group(name, init_method="env://", timeout=timeout)
+        store = _store(addr, int(port), rank, world, timeout)
+        dist.init_process_group(name, store=store, rank=rank, world_size=world,
+                                timeout=timeout)
     except (RuntimeError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise DistributedInitError(
@@ -130,6 +132,21 @@ def init_distributed(backend: str = "auto", timeout_s: float = 60.0, threads: in
     log.info("rank %d/%d joined %s group (local %d/%d)", rank, world, name, local_rank,
              local_world)
     return env
+
+
+def _store(addr: str, port: int, rank: int, world: int,
+           timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, with keys private to this (re)start of the worker group.
+
+    Under torchrun the agent hosts the store and keeps it across `--max-restarts`: a
+    restarted group that used the bare store would read the killed workers' gloo
+    addresses and wait on them forever. Plain python in a PyTorchJob pod: rank 0 hosts it.
+    """
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(addr, port, world_size=world, is_master=not agent and rank == 0,
+                          timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"cnnflow/attempt-{attempt}", store)
 
 
 def shutdown() -> None:

@@ -6,7 +6,7 @@ never reaches 1x1 before the last conv). Channels start at `width` and double pe
 for the first four blocks, then stay (32, 64, 128, 256, 256, ...): deeper small_cnns grow
 in depth, not in a 2^depth parameter count. Global average pool, dropout, linear.
 
-Default (depth 2, width 32) on 8x8x1: about 19k parameters; it reaches ~98% test
+Default (depth 2, width 64) on 8x8x1: about 76k parameters; it reaches ~98% test
 accuracy on sklearn digits in a few epochs.
 """
 
@@ -20,7 +20,7 @@ from cnnflow.config import ModelConfig
 from cnnflow.models.chain import Stage, classifier_head, init_weights
 from cnnflow.models.norm import check_norm, make_norm
 
-DEFAULT_WIDTH = 32
+DEFAULT_WIDTH = 64  # digits: 98%+ test accuracy in ~10 s on 2 cores; 32 gives ~97%
 DEFAULT_DEPTH = 2
 MAX_DOUBLINGS = 3  # channels stop growing after width * 2**3
 

@@ -17,7 +17,11 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,8 +72,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextmanager
+def deferred_sigint() -> Iterator[None]:
+    """Hold Ctrl-C until the block is done, then raise it.
+
+    A KeyboardInterrupt inside torch.save surfaces as a RuntimeError from its zip writer:
+    the checkpoint would still be intact (temp file), but the user would get a traceback
+    instead of "interrupted; resume from ...". Only the main thread can set handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to `path` so that readers see the old file or the whole new one."""
+    with deferred_sigint():
+        _atomic_save(obj, path)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
