@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnflow.config import ModelConfig, PrepareConfig
+from cnnflow.config import ModelConfig
 from cnnflow.data.loader import build_loader, normalize_batch
-from cnnflow.data.prepare import prepare
-from cnnflow.data.shards import read_manifest, write_shards
+from cnnflow.data.shards import read_manifest
 from cnnflow.models import build_model, model_config_dict
 from cnnflow.train.checkpoint import atomic_save
 
@@ -37,12 +36,8 @@ def clean_env(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    prepare(PrepareConfig(out_dir=str(root / "prepared")), show_progress=False)
-    write_shards(root / "prepared", root / "shards", samples_per_shard=128, workers=1,
-                 show_progress=False)
-    return root / "shards"
+def shards(digits_shards) -> Path:
+    return digits_shards
 
 
 def make_model_dir(out: Path, shards: Path, *, seed: int, steps: int) -> Path:

@@ -130,30 +130,22 @@ def _blocks(cfg: ModelConfig, name: str, *, default: int, per_block: int, stages
     return n
 
 
+def _cifar_resnet(cfg: ModelConfig, name: str, default: int, *,
+                  in_shape: tuple[int, int, int], num_classes: int) -> ResNet:
+    """He et al. 2016 sec. 4.2: 3 stages of n blocks, option A shortcuts, width 16/32/64."""
+    n = _blocks(cfg, name, default=default, per_block=6, stages=3)
+    return _resnet(cfg, in_shape=in_shape, num_classes=num_classes, blocks_per_stage=[n] * 3,
+                   default_width=16, shortcut="A")
+
+
 def resnet20(cfg: ModelConfig, *, in_shape: tuple[int, int, int], num_classes: int) -> ResNet:
-    """ResNet-20 (or any 6n+2 with `depth`), option A shortcuts, width 16/32/64."""
-    n = _blocks(cfg, "resnet20", default=20, per_block=6, stages=3)
-    return _resnet(
-        cfg,
-        in_shape=in_shape,
-        num_classes=num_classes,
-        blocks_per_stage=[n] * 3,
-        default_width=16,
-        shortcut="A",
-    )
+    """ResNet-20 (or any 6n+2 with `depth`)."""
+    return _cifar_resnet(cfg, "resnet20", 20, in_shape=in_shape, num_classes=num_classes)
 
 
 def resnet56(cfg: ModelConfig, *, in_shape: tuple[int, int, int], num_classes: int) -> ResNet:
-    """ResNet-56 (or any 6n+2 with `depth`), option A shortcuts, width 16/32/64."""
-    n = _blocks(cfg, "resnet56", default=56, per_block=6, stages=3)
-    return _resnet(
-        cfg,
-        in_shape=in_shape,
-        num_classes=num_classes,
-        blocks_per_stage=[n] * 3,
-        default_width=16,
-        shortcut="A",
-    )
+    """ResNet-56 (or any 6n+2 with `depth`)."""
+    return _cifar_resnet(cfg, "resnet56", 56, in_shape=in_shape, num_classes=num_classes)
 
 
 def resnet18(cfg: ModelConfig, *, in_shape: tuple[int, int, int], num_classes: int) -> ResNet:
