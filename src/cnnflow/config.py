@@ -22,14 +22,10 @@ from typing import Any, Literal
 import yaml
 
 from cnnflow.errors import ConfigError
+from cnnflow.errors import check_config as _check
 from cnnflow.launch.config import LaunchConfig
 
 SOURCES = ("digits", "synthetic", "imagefolder", "idx", "cifar")
-
-
-def _check(ok: bool, key: str, expected: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
 
 @dataclass(kw_only=True)

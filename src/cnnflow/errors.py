@@ -7,6 +7,8 @@ shown as a traceback. Bugs in cnnflow itself stay ordinary exceptions.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class CnnflowError(Exception):
     """A user mistake: the message names the file, key or value and what was expected."""
@@ -24,3 +26,9 @@ class DataError(CnnflowError):
 
 class ShardError(CnnflowError):
     """A shard directory does not match its manifest or cannot be read."""
+
+
+def check_config(ok: bool, key: str, expected: str, value: Any) -> None:
+    """Raise ConfigError `key: expected <expected>, got <value>` unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")

@@ -26,9 +26,7 @@ a registered model scores exactly as the directory it was logged from.
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +36,7 @@ import numpy as np
 import torch
 
 from cnnflow.errors import CnnflowError
+from cnnflow.fileio import write_json as _write_json
 
 log = logging.getLogger("cnnflow")
 
@@ -207,12 +206,6 @@ def plot_misclassified(wrong: list, classes: list[str], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- stage
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def write_reports(out: Path, metrics: dict[str, Any], probs: np.ndarray, labels: np.ndarray,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from cnnflow.errors import ConfigError
+from cnnflow.errors import check_config as _check
 
 # <name>[:<tag>][@sha256:<hex>] with an optional registry host:port/ prefix.
 _IMAGE = re.compile(
@@ -27,11 +27,6 @@ _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # Pod names are <job>-worker-<index> and the operator makes a Service of the same name, so
 # the job name leaves room for "-worker-" plus up to 6 index digits within 63 characters.
 MAX_JOB_NAME = 48
-
-
-def _check(ok: bool, key: str, expected: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
 
 def check_image(image: str, key: str = "launch.image") -> str:

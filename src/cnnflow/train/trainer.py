@@ -26,6 +26,7 @@ from cnnflow.distributed.env import DistEnv, init_distributed, shutdown
 from cnnflow.distributed.mesh import resolve_degrees
 from cnnflow.distributed.parallelize import Strategy, log_plan, parallelize
 from cnnflow.errors import CnnflowError
+from cnnflow.fileio import write_json as _write_json
 from cnnflow.models import build_model, count_parameters, model_config_dict, model_from_config_dict
 from cnnflow.tracking import NullTracker, Tracker
 from cnnflow.train import loop
@@ -40,12 +41,6 @@ from cnnflow.train.checkpoint import (
 from cnnflow.train.data import StreamBatches, eval_batches
 
 log = logging.getLogger("cnnflow")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 class _Progress:
