@@ -297,6 +297,10 @@ def pipeline_run(
         "--workspace", help="Directory the stages run in: the PVC of a cluster run.")] = Path("."),
     cache: Annotated[bool, typer.Option(
         "--cache/--no-cache", help="kfp.local caching of prepare and shard.")] = False,
+    step_host: Annotated[bool, typer.Option(
+        "--step-host/--no-step-host",
+        help="Run the steps in children of one warm process (imports paid once per run) "
+             "instead of each in its own fresh process.")] = True,
     params: ParamsOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -304,7 +308,7 @@ def pipeline_run(
     from cnnflow.pipeline import run_local
 
     p = _params(params, set_)
-    r = run_local(p, workspace=workspace, cache=cache)
+    r = run_local(p, workspace=workspace, cache=cache, step_host=step_host)
     share = r["orchestration_s"] / r["wall_s"] if r["wall_s"] else 0.0
     typer.echo(f"pipeline succeeded in {r['wall_s']:.1f} s (training job {r['job_s']:.1f} s, "
                f"the rest {r['orchestration_s']:.1f} s = {share:.0%}); "

@@ -72,8 +72,13 @@ def _metadata(output: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def run_local(params: Params, *, workspace: str | Path = ".",
-              pipeline_root: str | Path | None = None, cache: bool = False) -> dict[str, Any]:
+              pipeline_root: str | Path | None = None, cache: bool = False,
+              step_host: bool = True) -> dict[str, Any]:
     """Run the pipeline on `params` with kfp.local; raise CnnflowError if a task fails.
+
+    step_host: run the steps in children of a warm host process (`cnnflow.kfp.host`), which
+    imports mlflow, torch and the rest once for the whole run instead of once per task;
+    False runs each step in its own task process, as a cluster does.
 
     Returns {"wall_s", "job_s", "orchestration_s", "decision", "model", "pipeline_root",
     "run_key"}:
@@ -81,6 +86,26 @@ def run_local(params: Params, *, workspace: str | Path = ".",
     orchestration_s the rest; model is the train step's Model artifact metadata; run_key
     the KFP_RUN_ID the steps ran with (the MLflow parent run's `cnnflow.pipeline_key`).
     """
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="cnnflow-") as tmp:
+        host = _start_host(tmp) if step_host else None
+        try:
+            result = _run_local(params, workspace, pipeline_root, cache)
+        finally:
+            if host is not None:
+                host.stop()
+    wall = time.monotonic() - start
+    return {**result, "wall_s": wall, "orchestration_s": wall - result["job_s"]}
+
+
+def _start_host(directory: str):
+    from cnnflow.kfp.host import start_host
+
+    return start_host(directory)
+
+
+def _run_local(params: Params, workspace: str | Path, pipeline_root: str | Path | None,
+               cache: bool) -> dict[str, Any]:
     from kfp import local
 
     from cnnflow.kfp.cnn_training import build_pipeline
@@ -93,7 +118,6 @@ def run_local(params: Params, *, workspace: str | Path = ".",
     key = f"kfp-local-{uuid.uuid4().hex[:12]}"
     previous = os.environ.get("KFP_RUN_ID")
     os.environ["KFP_RUN_ID"] = key
-    start = time.monotonic()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                raise_on_error=True, enable_caching=cache)
     pipeline = build_pipeline(local=True)
@@ -112,12 +136,10 @@ def run_local(params: Params, *, workspace: str | Path = ".",
                 os.environ.pop("KFP_RUN_ID", None)
             else:
                 os.environ["KFP_RUN_ID"] = previous
-    wall = time.monotonic() - start
     model = _metadata(_task_output(root, "train"), "model")
     decision = _task_output(root, "evaluate").get("parameterValues", {}).get("Output", "")
-    job_s = float(model.get("job_s") or 0.0)
-    return {"wall_s": wall, "job_s": job_s, "orchestration_s": wall - job_s,
-            "decision": decision, "model": model, "pipeline_root": str(root), "run_key": key}
+    return {"job_s": float(model.get("job_s") or 0.0), "decision": decision, "model": model,
+            "pipeline_root": str(root), "run_key": key}
 
 
 def _check_host(host: str, timeout_s: float) -> None:

@@ -11,6 +11,8 @@ Data never travels through the component's own filesystem: the output artifacts 
 paths on shared storage and metadata (dataset version, counts, model URI) plus small
 files (dataset.json, manifest.json, the model's model.json/mlflow.json, the report).
 Artifacts are duck-typed (`.path`, `.metadata`), so tests can pass simple objects.
+Under `cnnflow pipeline run` each step function runs in a child of the warm step host
+(`cnnflow.kfp.host`, `@hosted`), with the component's streams, environment and directory.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import yaml
 
 from cnnflow.config import Params, to_dict
+from cnnflow.kfp.host import hosted
 from cnnflow.kfp.params import decode
 
 PARENT_ENV = "CNNFLOW_PARENT_RUN_ID"
@@ -98,6 +101,7 @@ def _replace(params: Params, section: str, **changes: Any) -> Params:
         getattr(params, section), **changes)})
 
 
+@hosted
 def prepare_step(params_text: str, *, workspace: str, kfp_run_id: str = "",
                  dataset: Any) -> dict[str, Any]:
     """`run_prepare` into <workspace>/<prepare.out_dir>; `dataset` = its path + dataset.json."""
@@ -114,6 +118,7 @@ def prepare_step(params_text: str, *, workspace: str, kfp_run_id: str = "",
     return meta
 
 
+@hosted
 def shard_step(params_text: str, *, workspace: str, kfp_run_id: str = "",
                prepared: Any, shards: Any) -> dict[str, Any]:
     """`run_shard` of the prepared data at `prepared`'s path; `shards` = path + manifest."""
@@ -141,6 +146,7 @@ def _as_mounted(path: str, workspace: Path, mount_path: str) -> str:
     return f"{mount_path.rstrip('/')}/{rel.as_posix()}"
 
 
+@hosted
 def train_step(params_text: str, *, workspace: str, kfp_run_id: str,
                shards: Any, model: Any) -> dict[str, Any]:
     """Run the train stage as a PyTorchJob (`launch_training`, backend launch.backend) on
@@ -215,6 +221,7 @@ def _report(result: dict[str, Any], model: Any, shards: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+@hosted
 def evaluate_step(params_text: str, *, workspace: str, kfp_run_id: str,
                   shards: Any, model: Any, metrics: Any, report: Any) -> str:
     """`run_evaluate` of `model` on `shards`: score, register @challenger, promotion gate.
@@ -238,6 +245,7 @@ def evaluate_step(params_text: str, *, workspace: str, kfp_run_id: str,
     return decision
 
 
+@hosted
 def finish_step(params_text: str, *, workspace: str, kfp_run_id: str,
                 state: str, error: str = "") -> str:
     """Close the pipeline's parent run: FINISHED when the pipeline succeeded, else FAILED
