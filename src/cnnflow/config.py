@@ -130,7 +130,7 @@ class ModelConfig:
     group = GroupNorm (no cross-sample statistics: world-size invariant)."""
     groups: int = 8
     """GroupNorm groups (norm=group); must divide every stage's channel count."""
-    dropout: float = 0.0
+    dropout: float = 0.2
     """Dropout before the classifier, in [0, 1)."""
 
     def __post_init__(self) -> None:
@@ -245,7 +245,7 @@ class OptimConfig:
     step_epochs: int = 30
     """schedule=step: multiply lr by `gamma` every this many epochs."""
     gamma: float = 0.1
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", "a number > 0", self.lr)
@@ -276,7 +276,7 @@ class TrainConfig:
     refused. "" = train on whatever version the shards hold."""
     out_dir: str = "outputs/train"
     """Final model (model.pt + model.json), metrics.jsonl, traces."""
-    epochs: int = 30
+    epochs: int = 60
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run all epochs)."""
     batch_size: int = 64

@@ -83,9 +83,9 @@ def test_world_size_invariance_1_2_4(digits_shards, tmp_path):
 
 def test_resume_after_kill_is_bitwise_identical(digits_shards, tmp_path):
     """A 2-process run killed mid-training and rerun ends with the very weights of an
-    uninterrupted run."""
+    uninterrupted run (dropout on: the RNG states come back too)."""
     common = ["train.epochs=3", "checkpoint.every_steps=4", "model.width=16",
-              "train.log_every=1"]
+              "train.log_every=1", "model.dropout=0.2"]
     ref = write_params(tmp_path / "ref.yaml", digits_shards, tmp_path / "ref", common)
     _ok(run_torchrun(2, ref))
 

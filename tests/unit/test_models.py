@@ -29,6 +29,8 @@ SHAPES = [(8, 8, 1), (28, 28, 1), (32, 32, 3)]
 
 
 def _build(name: str = "small_cnn", in_shape=(8, 8, 1), num_classes: int = 10, **kw):
+    """No dropout unless asked: the tests compare train-mode outputs of two builds."""
+    kw.setdefault("dropout", 0.0)
     return build_model(ModelConfig(name=name, **kw), in_shape=in_shape, num_classes=num_classes)
 
 
