@@ -7,6 +7,7 @@ format -> DDP -> torch.compile. The model itself never knows it is distributed.
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -71,11 +72,16 @@ def wrap_ddp(model: nn.Module, env: DistEnv, cfg: ParallelConfig) -> tuple[nn.Mo
     timer = CommTimer()
     if not env.distributed:
         return model, timer
+    if any(p.dim() == 4 and 1 in p.shape[1:] for p in model.parameters()):
+        # A conv weight with a size-1 dim (e.g. 1 input channel) has two valid stride
+        # layouts; the CPU conv backward may pick the other one, and the reducer warns and
+        # copies that one small gradient. Nothing is wrong: keep the log clean.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
     ddp = DDP(
         model,
         device_ids=[env.device.index] if env.device.type == "cuda" else None,
         bucket_cap_mb=cfg.bucket_mb,
-        broadcast_buffers=True,
+        forward_sync_buffers=True,  # BatchNorm running stats from rank 0, at init and forward
         gradient_as_bucket_view=True,
     )
     state, hook = _hook(cfg)
