@@ -245,7 +245,7 @@ class OptimConfig:
     step_epochs: int = 30
     """schedule=step: multiply lr by `gamma` every this many epochs."""
     gamma: float = 0.1
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", "a number > 0", self.lr)
