@@ -266,7 +266,7 @@ def serve(fd: int) -> None:
     while True:
         try:
             conn, _ = server.accept()
-        except InterruptedError:
+        except (InterruptedError, ConnectionAbortedError):  # a caller gone before accept
             continue
         _fork_child(server, conn)
 
