@@ -17,6 +17,7 @@ compiles, and starts a run with kfp.Client; it returns the run's URL.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -86,22 +87,14 @@ def run_local(params: Params, *, workspace: str | Path = ".",
     orchestration_s the rest; model is the train step's Model artifact metadata; run_key
     the KFP_RUN_ID the steps ran with (the MLflow parent run's `cnnflow.pipeline_key`).
     """
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="cnnflow-") as tmp:
-        host = _start_host(tmp) if step_host else None
-        try:
-            result = _run_local(params, workspace, pipeline_root, cache)
-        finally:
-            if host is not None:
-                host.stop()
-    wall = time.monotonic() - start
-    return {**result, "wall_s": wall, "orchestration_s": wall - result["job_s"]}
-
-
-def _start_host(directory: str):
     from cnnflow.kfp.host import start_host
 
-    return start_host(directory)
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="cnnflow-") as tmp, \
+            (start_host(tmp) if step_host else contextlib.nullcontext()):
+        result = _run_local(params, workspace, pipeline_root, cache)
+    wall = time.monotonic() - start
+    return {**result, "wall_s": wall, "orchestration_s": wall - result["job_s"]}
 
 
 def _run_local(params: Params, workspace: str | Path, pipeline_root: str | Path | None,

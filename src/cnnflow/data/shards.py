@@ -208,14 +208,19 @@ def _write_shard(task: tuple[str, str, str, str, int, int, int]) -> dict[str, An
     }
 
 
+def _read_json(path: Path, missing: str, invalid: str) -> Any:
+    """`path`'s JSON; ShardError "<path>: <missing>" or "<path>: <invalid> (why)"."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ShardError(f"{path}: {missing}") from None
+    except (OSError, ValueError) as exc:
+        raise ShardError(f"{path}: {invalid} ({exc})") from None
+
+
 def _read_dataset_json(prepared: Path) -> dict[str, Any]:
     path = prepared / "dataset.json"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ShardError(f"{path}: not found; run `cnnflow prepare` first") from None
-    except (OSError, ValueError) as exc:
-        raise ShardError(f"{path}: not valid JSON ({exc})") from None
+    meta = _read_json(path, "not found; run `cnnflow prepare` first", "not valid JSON")
     for key in ("version", "image_shape", "classes", "splits"):
         if key not in meta:
             raise ShardError(f"{path}: missing key {key!r}")
@@ -360,12 +365,8 @@ def resolve_shard_dir(uri: str | Path) -> Path:
 def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
     """Read and sanity-check `manifest.json`; ShardError naming the file otherwise."""
     path = resolve_shard_dir(shard_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ShardError(f"{path}: manifest not found; run `cnnflow shard` first") from None
-    except (OSError, ValueError) as exc:
-        raise ShardError(f"{path}: not a valid manifest ({exc})") from None
+    manifest = _read_json(path, "manifest not found; run `cnnflow shard` first",
+                          "not a valid manifest")
     problem = _manifest_problem(manifest)
     if problem:
         raise ShardError(f"{path}: invalid manifest: {problem}")
