@@ -88,13 +88,32 @@ def run_local(params: Params, *, workspace: str | Path = ".",
     the KFP_RUN_ID the steps ran with (the MLflow parent run's `cnnflow.pipeline_key`).
     """
     from cnnflow.kfp.host import start_host
+    from cnnflow.kfp.steps import ERROR_ENV
 
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="cnnflow-") as tmp, \
             (start_host(tmp) if step_host else contextlib.nullcontext()):
-        result = _run_local(params, workspace, pipeline_root, cache)
+        errors = Path(tmp) / "step-errors.txt"
+        previous = os.environ.get(ERROR_ENV)
+        os.environ[ERROR_ENV] = str(errors)
+        try:
+            result = _run_local(params, workspace, pipeline_root, cache)
+        except CnnflowError:
+            lines = errors.read_text(encoding="utf-8").splitlines() if errors.is_file() else []
+            if lines:  # the step's own one-line error: it names the value
+                raise CnnflowError(f"kfp.local: {lines[-1]}") from None
+            raise
+        finally:
+            _restore(ERROR_ENV, previous)
     wall = time.monotonic() - start
     return {**result, "wall_s": wall, "orchestration_s": wall - result["job_s"]}
+
+
+def _restore(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def _run_local(params: Params, workspace: str | Path, pipeline_root: str | Path | None,
@@ -125,10 +144,7 @@ def _run_local(params: Params, workspace: str | Path, pipeline_root: str | Path 
             first = _ANSI.sub("", str(exc)).strip().splitlines()[0]
             raise CnnflowError(f"kfp.local: {first} (its log is above)") from None
         finally:
-            if previous is None:
-                os.environ.pop("KFP_RUN_ID", None)
-            else:
-                os.environ["KFP_RUN_ID"] = previous
+            _restore("KFP_RUN_ID", previous)
     model = _metadata(_task_output(root, "train"), "model")
     decision = _task_output(root, "evaluate").get("parameterValues", {}).get("Output", "")
     return {"job_s": float(model.get("job_s") or 0.0), "decision": decision, "model": model,

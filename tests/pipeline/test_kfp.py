@@ -216,6 +216,22 @@ def test_kfp_local_pipeline_end_to_end(tmp_path, monkeypatch, capfd):
     assert "Champion decision: **promoted**" in report.read_text()
 
 
+@pytest.mark.parametrize("step_host", [True, False], ids=["host", "no-host"])
+def test_a_failing_step_fails_the_run_with_its_own_one_line_error(tmp_path, monkeypatch,
+                                                                  step_host):
+    """kfp.local only says which task failed; the run's error repeats the step's line."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("CNNFLOW_PARENT_RUN_ID", raising=False)
+    missing = tmp_path / "no-such-dir"
+    params = load_params(None, ["prepare.source=imagefolder", f"prepare.path={missing}"])
+    with pytest.raises(CnnflowError) as err:
+        run_local(params, workspace=tmp_path / "ws", step_host=step_host)
+    assert str(err.value) == (f"kfp.local: step prepare failed: {missing}: prepare.path for "
+                              f"source 'imagefolder' is not a directory")
+    assert "CNNFLOW_STEP_ERRORS" not in os.environ
+    assert not (tmp_path / "ws" / "data" / "prepared").exists()
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

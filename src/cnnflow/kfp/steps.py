@@ -18,6 +18,7 @@ Under `cnnflow pipeline run` each step function runs in a child of the warm step
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -28,11 +29,34 @@ from typing import Any
 import yaml
 
 from cnnflow.config import Params, to_dict
+from cnnflow.errors import CnnflowError
 from cnnflow.kfp.host import hosted
 from cnnflow.kfp.params import decode
 
 PARENT_ENV = "CNNFLOW_PARENT_RUN_ID"
+ERROR_ENV = "CNNFLOW_STEP_ERRORS"
+"""A file that `cnnflow pipeline run` names: each failing step appends its one-line error,
+which the run's own error then repeats (kfp.local only reports which task failed)."""
 DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
+
+
+def _step(fn):
+    """A step function: run in the step host when there is one (`hosted`); a CnnflowError's
+    line is also appended to $CNNFLOW_STEP_ERRORS when that names a file."""
+    run = hosted(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return run(*args, **kwargs)
+        except CnnflowError as exc:
+            if os.environ.get(ERROR_ENV):
+                with open(os.environ[ERROR_ENV], "a", encoding="utf-8") as fh:
+                    fh.write(f"step {fn.__name__.removesuffix('_step')} failed: {exc}\n")
+            raise
+
+    wrapper.local = fn  # type: ignore[attr-defined]
+    return wrapper
 
 
 def _resolved(value: str) -> str:
@@ -101,7 +125,7 @@ def _replace(params: Params, section: str, **changes: Any) -> Params:
         getattr(params, section), **changes)})
 
 
-@hosted
+@_step
 def prepare_step(params_text: str, *, workspace: str, kfp_run_id: str = "",
                  dataset: Any) -> dict[str, Any]:
     """`run_prepare` into <workspace>/<prepare.out_dir>; `dataset` = its path + dataset.json."""
@@ -118,7 +142,7 @@ def prepare_step(params_text: str, *, workspace: str, kfp_run_id: str = "",
     return meta
 
 
-@hosted
+@_step
 def shard_step(params_text: str, *, workspace: str, kfp_run_id: str = "",
                prepared: Any, shards: Any) -> dict[str, Any]:
     """`run_shard` of the prepared data at `prepared`'s path; `shards` = path + manifest."""
@@ -146,7 +170,7 @@ def _as_mounted(path: str, workspace: Path, mount_path: str) -> str:
     return f"{mount_path.rstrip('/')}/{rel.as_posix()}"
 
 
-@hosted
+@_step
 def train_step(params_text: str, *, workspace: str, kfp_run_id: str,
                shards: Any, model: Any) -> dict[str, Any]:
     """Run the train stage as a PyTorchJob (`launch_training`, backend launch.backend) on
@@ -221,7 +245,7 @@ def _report(result: dict[str, Any], model: Any, shards: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
-@hosted
+@_step
 def evaluate_step(params_text: str, *, workspace: str, kfp_run_id: str,
                   shards: Any, model: Any, metrics: Any, report: Any) -> str:
     """`run_evaluate` of `model` on `shards`: score, register @challenger, promotion gate.
@@ -245,7 +269,7 @@ def evaluate_step(params_text: str, *, workspace: str, kfp_run_id: str,
     return decision
 
 
-@hosted
+@_step
 def finish_step(params_text: str, *, workspace: str, kfp_run_id: str,
                 state: str, error: str = "") -> str:
     """Close the pipeline's parent run: FINISHED when the pipeline succeeded, else FAILED
