@@ -10,18 +10,19 @@ TORCH := torch==2.13.0
 
 .PHONY: run test lint bench mlflow-ui clean
 
+# pip's output goes to $(VENV)/install.log; on a failure its last lines are shown.
+PIP = $(PY) -m pip install --quiet --disable-pip-version-check
+INSTALL_LOG := $(VENV)/install.log
+
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@test -x $(PY) || { echo "creating $(VENV) (torch 2.13.0 CPU, then cnnflow[dev]; log: $(INSTALL_LOG))"; $(PYTHON) -m venv $(VENV); }
+	@{ $(PIP) --upgrade pip && $(PIP) $(TORCH) && $(PIP) -e '.[dev]'; } > $(INSTALL_LOG) 2>&1 \
+	  || { tail -n 30 $(INSTALL_LOG); echo "pip failed: see $(INSTALL_LOG)"; exit 1; }
+	@touch $(STAMP)
 
 ## run: the whole pipeline with kfp.local on params.yaml (digits, 2 training processes)
 run: $(STAMP)
-	$(VENV)/bin/cnnflow pipeline run
-	@echo "outputs: data/prepared/, data/shards/, runs/<job>/train/ (model), reports/," \
-	  "outputs/kfp/ (KFP artifacts), mlflow/mlflow.db (runs, registry)"
+	@$(VENV)/bin/cnnflow pipeline run
 
 ## test: the whole suite (unit, distributed, pipeline)
 test: $(STAMP)
@@ -39,4 +40,4 @@ mlflow-ui: $(STAMP)
 	$(VENV)/bin/cnnflow mlflow-server
 
 clean:
-	rm -rf data/prepared data/shards outputs reports
+	rm -rf data/prepared data/shards outputs reports runs

@@ -76,7 +76,9 @@ def _worker(rank: int, world: int, port: int, args, overrides: dict, out: str) -
     shape = (32, 32, 3)
     torch.manual_seed(0)
     model = build_model(params.model, in_shape=shape, num_classes=10)
-    strategy = parallelize(model, params, env, in_shape=shape)
+    strategy = parallelize(model, env, parallel=params.parallel, train=params.train,
+                           norm=params.model.norm,
+                           label_smoothing=params.optim.label_smoothing, in_shape=shape)
     del model
     optimizer = loop.build_optimizer(strategy.parameters(), params.optim, 0.05)
     strategy.finish()

@@ -8,13 +8,14 @@ Measured: `prepare(PrepareConfig(source="synthetic", num_images=N, workers=2))` 
 train/val/test images and labels, 10^6 bytes per MB), prepare and shard separately and
 together. Baseline, in the same process right after: `numpy.save` of those same arrays
 (already in memory, so the baseline does no generation, hashing or tar framing) to the
-same disk. Both write to the page cache without fsync.
+same disk. Both write the arrays and shards to the page cache without fsync (only the
+small JSON files and the directory renames are fsynced).
 
 Memory: each size runs in a fresh child process, so the RSS high-water marks are its own:
 ru_maxrss of the process (prepare + shard), ru_maxrss of its children (the largest shard
 pool worker) and the peak of process + children RSS summed, sampled every 20 ms with
-psutil. All are taken before the baseline loads the arrays. About 0.2 GB of each is the
-torch that `webdataset` imports.
+psutil. All are taken before the baseline loads the arrays. Neither stage imports torch
+(the shard tars are written with the standard library), so none of it is torch's.
 
 Targets: (prepare + shard) / numpy.save >= 0.25, and peak memory flat in the number of
 images (largest size / smallest <= 1.25 for 4x the images).

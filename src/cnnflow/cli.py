@@ -31,6 +31,21 @@ app = typer.Typer(
 )
 log = logging.getLogger("cnnflow")
 
+
+def _version(value: bool) -> None:
+    if value:
+        from cnnflow import __version__
+
+        typer.echo(f"cnnflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")]
+          = False) -> None:
+    """Versioned data -> shards -> distributed training -> evaluation -> registry."""
+
 ParamsOpt = Annotated[
     Path | None,
     typer.Option("--params", "-p", help="params.yaml to read (default: ./params.yaml)."),
@@ -49,12 +64,17 @@ def _params(path: Path | None, overrides: list[str] | None) -> Params:
 
 
 def _setup_logging() -> None:
+    """cnnflow's own log lines to stderr at $CNNFLOW_LOG_LEVEL (default INFO). Other
+    libraries keep Python's default (warnings and errors only): their INFO lines, e.g.
+    kfp.local's, are not ours to show."""
     level = os.environ.get("CNNFLOW_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=level if level in logging.getLevelNamesMapping() else "INFO",
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: "
+                                               "%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
+    log.propagate = False
 
 
 @app.command()
@@ -105,7 +125,7 @@ def verify(
     set_: SetOpt = None,
 ) -> None:
     """Check every shard's size, sample count and sha256 against manifest.json."""
-    from cnnflow.data.shards import verify_shards
+    from cnnflow.data.manifest import verify_shards
 
     target = shards or _params(params, set_).shard.out_dir
     manifest = verify_shards(target)
@@ -161,7 +181,7 @@ def register(
     set_: SetOpt = None,
 ) -> None:
     """Register a logged model as a new version (tagged with its test metrics)."""
-    from cnnflow import registry
+    from cnnflow.tracking import registry
 
     p = _params(params, set_)
     values = {}
@@ -183,7 +203,7 @@ def promote(
     set_: SetOpt = None,
 ) -> None:
     """Move @champion to the challenger when it beats the champion (evaluate.margin)."""
-    from cnnflow import registry
+    from cnnflow.tracking import registry
 
     p = _params(params, set_)
     registry.promote(name or p.tracking.model_name, version or None,
@@ -236,40 +256,11 @@ def launch(
     set_: SetOpt = None,
 ) -> None:
     """Run training as a Kubeflow PyTorchJob: on a cluster, or as local processes."""
-    import yaml
+    from cnnflow.launch.commands import launch_command
 
-    from cnnflow.config import to_dict
-    from cnnflow.launch import launch_training, local_mounts
-
-    p = _params(params, set_)
-    text = yaml.safe_dump(to_dict(p), sort_keys=False)
-    parent = os.environ.get("CNNFLOW_PARENT_RUN_ID", "")
-    mounts = dict(m.split("=", 1) for m in mount) if mount else local_mounts(p.launch)
-    if job == "render":
-        from cnnflow.launch.pytorchjob import render_job
-
-        rendered = render_job(p.launch, run_id=run_id, params_yaml=text, parent_run_id=parent)
-        typer.echo(rendered.to_yaml(), nl=False)
-    elif job == "train":
-        api = None
-        if p.launch.backend == "kubernetes":
-            from cnnflow.launch.kubernetes import api_client
-
-            api = api_client(str(kubeconfig) if kubeconfig else None)
-        result = launch_training(p.launch, params_yaml=text, run_id=run_id,
-                                 parent_run_id=parent, api=api, mounts=mounts)
-        typer.echo(f"PyTorchJob {result.name} succeeded -> {result.out_dir}")
-    elif local:
-        from cnnflow.launch.local import run_local
-
-        raise typer.Exit(run_local(job, mounts=mounts))
-    else:
-        from cnnflow.launch.kubernetes import api_client, launch_job
-        from cnnflow.launch.validate import load_documents
-
-        api = api_client(str(kubeconfig) if kubeconfig else None)
-        outcome = launch_job(load_documents(job), api=api, keep=p.launch.keep_job)
-        typer.echo(f"PyTorchJob {outcome.namespace}/{outcome.name} succeeded")
+    typer.echo(launch_command(job, _params(params, set_), local=local, mounts=mount or [],
+                              kubeconfig=str(kubeconfig) if kubeconfig else None,
+                              run_id=run_id), nl=False)
 
 
 pipeline_app = typer.Typer(
@@ -297,22 +288,20 @@ def pipeline_run(
         "--workspace", help="Directory the stages run in: the PVC of a cluster run.")] = Path("."),
     cache: Annotated[bool, typer.Option(
         "--cache/--no-cache", help="kfp.local caching of prepare and shard.")] = False,
-    step_host: Annotated[bool, typer.Option(
-        "--step-host/--no-step-host",
-        help="Run the steps in children of one warm process (imports paid once per run) "
-             "instead of each in its own fresh process.")] = True,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Show kfp.local's whole log live (it always goes to a file "
+                                "under outputs/kfp/).")] = False,
     params: ParamsOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Run the whole pipeline with kfp.local; training runs with launch.backend."""
-    from cnnflow.pipeline import run_local
+    """Run the whole pipeline with kfp.local, each step in a fresh process; training runs
+    with launch.backend."""
+    from cnnflow.pipeline import run_local, summary_lines
 
     p = _params(params, set_)
-    r = run_local(p, workspace=workspace, cache=cache, step_host=step_host)
-    share = r["orchestration_s"] / r["wall_s"] if r["wall_s"] else 0.0
-    typer.echo(f"pipeline succeeded in {r['wall_s']:.1f} s (training job {r['job_s']:.1f} s, "
-               f"the rest {r['orchestration_s']:.1f} s = {share:.0%}); "
-               f"model {r['model'].get('path')}; champion decision: {r['decision']}")
+    r = run_local(p, workspace=workspace, cache=cache, verbose=verbose)
+    for line in summary_lines(r, p):
+        typer.echo(line)
 
 
 @pipeline_app.command("submit")

@@ -17,7 +17,15 @@ class CnnflowError(Exception):
 
 
 class ConfigError(CnnflowError):
-    """A params.yaml key or an override is unknown, of the wrong type or out of range."""
+    """A params.yaml key or an override is unknown, of the wrong type or out of range.
+
+    `key` is the dotted key the message starts with (`optim.lr`; "" when not known), so
+    the loader can prefix where that value came from: the file or `--set`.
+    """
+
+    def __init__(self, message: str, *, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class DataError(CnnflowError):
@@ -31,4 +39,8 @@ class ShardError(CnnflowError):
 def check_config(ok: bool, key: str, expected: str, value: Any) -> None:
     """Raise ConfigError `key: expected <expected>, got <value>` unless `ok`."""
     if not ok:
-        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}", key=key)
+
+
+class CheckpointMismatchError(CnnflowError):
+    """A checkpoint belongs to another model, data set, training setting or strategy."""

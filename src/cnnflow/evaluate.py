@@ -19,7 +19,7 @@ Writes (DVC reads `metrics.json` as a metric and the CSVs as plots):
 
 The model comes from a train output dir (model.pt + model.json) or an MLflow URI
 (`models:/name@alias`, `models:/name/3`, `runs:/<id>/model`); both are scored through
-the same prediction path (pixels in [0, 255] -> probabilities, see cnnflow.registry), so
+the same prediction path (pixels in [0, 255] -> probabilities, see cnnflow.tracking.registry), so
 a registered model scores exactly as the directory it was logged from.
 """
 
@@ -37,6 +37,7 @@ import torch
 
 from cnnflow.errors import CnnflowError
 from cnnflow.fileio import write_json as _write_json
+from cnnflow.tracking.lineage import DATASET_TAG
 
 log = logging.getLogger("cnnflow")
 
@@ -47,7 +48,7 @@ Predict = Callable[[torch.Tensor], np.ndarray]  # uint8 (N, C, H, W) -> (N, K) p
 def load_predictor(model: str | Path, tracking_uri: str | None = None
                    ) -> tuple[Predict, dict[str, Any]]:
     """(predict function, model.json metadata) for a train output dir or an MLflow URI."""
-    from cnnflow import registry
+    from cnnflow.tracking import registry
 
     text = str(model)
     if text.startswith(("models:/", "runs:/")):
@@ -247,7 +248,7 @@ def evaluate(model: str | Path, shards: str | Path, out_dir: str | Path = "repor
 
     Returns metrics.json's content plus `per_class`, `confusion_matrix`, `calibration`.
     """
-    from cnnflow.data.shards import read_manifest
+    from cnnflow.data.manifest import read_manifest
 
     if top_k < 1:
         raise CnnflowError(f"evaluate.top_k: expected an int >= 1, got {top_k}")
@@ -278,9 +279,8 @@ def _log(tracker: Any, metrics: dict[str, Any], paths: dict[str, Path], shards) 
         values.update({f"test_f1.{name}": row["f1"], f"test_recall.{name}": row["recall"],
                        f"test_precision.{name}": row["precision"]})
     tracker.log_metrics(values, step=0)
-    tracker.set_tags({"cnnflow.dataset_version": metrics["dataset_version"]})
-    if hasattr(tracker, "log_dataset"):
-        tracker.log_dataset(shards, context="test")
+    tracker.set_tags({DATASET_TAG: metrics["dataset_version"]})
+    tracker.log_dataset(shards, context="test")
     tracker.log_artifact(paths["metrics"], "reports")
     tracker.log_artifact(paths["per_class"], "reports")
     tracker.log_artifact(paths["metrics"].parent / "plots", "reports")

@@ -6,10 +6,11 @@
 
 `run_local` runs the pipeline with kfp.local's SubprocessRunner in this Python environment
 (`use_venv=False`: cnnflow and torch are here; `install_kfp_package=False` on every
-component, so no task runs pip). The workspace (default: the current directory) plays the
-PVC: the stages read and write data/, runs/<job>/, reports/ and mlflow/ there, exactly
-where `dvc repro` and the CLI do; KFP's own task outputs go to <workspace>/outputs/kfp.
-The train step runs the PyTorchJob with launch.backend (local: processes here).
+component, so no task runs pip). Each step is a fresh process, as each is a pod on a
+cluster. The workspace (default: the current directory) plays the PVC: the stages read and
+write data/, runs/<job>/, reports/ and mlflow/ there, exactly where `dvc repro` and the CLI
+do; KFP's own task outputs and its log go to <workspace>/outputs/kfp. The train step runs
+the PyTorchJob with launch.backend (local: processes here).
 
 `submit` validates the parameters, checks that the host answers (a few seconds at most),
 compiles, and starts a run with kfp.Client; it returns the run's URL.
@@ -18,9 +19,12 @@ compiles, and starts a run with kfp.Client; it returns the run's URL.
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import logging
 import os
 import re
+import sys
 import tempfile
 import time
 import urllib.error
@@ -29,11 +33,12 @@ import urllib.request
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from cnnflow.config import Params
 from cnnflow.errors import CnnflowError
 from cnnflow.kfp.params import WORKSPACE, to_arguments
+from cnnflow.kfp.steps import ERROR_PREFIX
 
 log = logging.getLogger("cnnflow")
 
@@ -41,6 +46,9 @@ COMPILED = Path("pipelines/compiled/cnn_training.yaml")
 PIPELINE_ROOT = "outputs/kfp"
 CONNECT_TIMEOUT_S = 5.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+STEPS = ("prepare", "shard", "train", "evaluate", "finish")
+_STARTED = re.compile(r"Executing task '([\w-]+)'")
+_FINISHED = re.compile(r"Task '([\w-]+)' finished with status (\w+)")
 
 
 def compile_pipeline(path: str | Path = COMPILED) -> Path:
@@ -57,8 +65,6 @@ def compile_pipeline(path: str | Path = COMPILED) -> Path:
 
 def _task_output(root: Path, task: str) -> dict[str, Any]:
     """The newest executor_output.json of `task` under a kfp.local pipeline root."""
-    import json
-
     from cnnflow.kfp.cnn_training import NAME
 
     files = sorted(root.glob(f"{NAME}-*/{task}/executor_output.json"),
@@ -72,41 +78,182 @@ def _metadata(output: dict[str, Any], name: str) -> dict[str, Any]:
     return {}
 
 
+def _short(version: Any) -> str:
+    return str(version or "?")[:12]
+
+
+def step_result(root: Path, task: str) -> str:
+    """The key result of a finished task, from its executor output (what the step's
+    artifacts say about it)."""
+    out = _task_output(root, task)
+    if task == "prepare":
+        m = _metadata(out, "dataset")
+        return (f"{m.get('source')} {_short(m.get('dataset_version'))}: train "
+                f"{m.get('train_count')}, val {m.get('val_count')}, test {m.get('test_count')}")
+    if task == "shard":
+        m = _metadata(out, "shards")
+        return f"{m.get('shards')} shards of {_short(m.get('dataset_version'))}"
+    if task == "train":
+        m = _metadata(out, "model")
+        rate, acc = m.get("samples_per_s"), m.get("val_accuracy")
+        return (f"{m.get('steps')} steps, {rate or 0:.0f} samples/s, val accuracy "
+                f"{acc or 0:.4f} (job {m.get('job')}, {m.get('job_s', 0):.1f} s)")
+    if task == "evaluate":
+        test = _metadata(out, "metrics").get("accuracy")
+        report = _metadata(out, "report")
+        version = report.get("model_version")
+        registered = f"; {report.get('model_name')} v{version}" if version else ""
+        return (f"test accuracy {test or 0:.4f}{registered}; champion decision: "
+                f"{report.get('decision')}")
+    if task == "finish":
+        return f"MLflow parent run {out.get('parameterValues', {}).get('Output', '?')}"
+    return ""
+
+
+class Console(io.TextIOBase):
+    """Stands in for sys.stdout/sys.stderr while kfp.local runs: every byte goes to the
+    run's log file (and, `verbose`, to the terminal); the terminal gets one line per step
+    as it starts and as it ends, with its status, seconds and key result.
+
+    kfp.local's driver prints its own log and each task process's streamed output through
+    sys.stdout, so this sees both: "Executing task 'x'", "Task 'x' finished with status
+    SUCCESS/FAILURE", and a failing step's `cnnflow: error: ...` line.
+    """
+
+    def __init__(self, log_file: TextIO, terminal: TextIO, root: Path, *,
+                 verbose: bool = False) -> None:
+        self.log, self.terminal, self.root, self.verbose = log_file, terminal, root, verbose
+        self.error = ""  # the last failing step's own one-line error
+        self.finished: dict[str, str] = {}
+        self._pending = ""
+        self._started: dict[str, float] = {}
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        plain = _ANSI.sub("", text)  # kfp.local colours task names and statuses
+        self.log.write(plain)
+        if self.verbose:
+            self.terminal.write(text)
+        self._pending += plain
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            self._line(line)
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.terminal.flush()
+
+    def show(self, line: str) -> None:
+        self.terminal.write(line + "\n")
+        self.terminal.flush()
+
+    def _label(self, task: str) -> str:
+        number = STEPS.index(task) + 1 if task in STEPS else 0
+        return f"[{number}/{len(STEPS)}] {task:<8}"
+
+    def _line(self, line: str) -> None:
+        if (m := _STARTED.search(line)) and m.group(1) in STEPS:
+            self._started[m.group(1)] = time.monotonic()
+            self.show(f"{self._label(m.group(1))} started")
+        elif (m := _FINISHED.search(line)) and m.group(1) in STEPS:
+            task, status = m.group(1), m.group(2)
+            seconds = time.monotonic() - self._started.get(task, time.monotonic())
+            self.finished[task] = status
+            if status == "SUCCESS":
+                detail = step_result(self.root, task)
+                self.show(f"{self._label(task)} ok      {seconds:5.1f} s  {detail}")
+            else:
+                self.show(f"{self._label(task)} FAILED  {seconds:5.1f} s  "
+                          f"{self.error or 'see the log'}")
+        elif ERROR_PREFIX in line:
+            self.error = line.split(ERROR_PREFIX, 1)[1].strip()
+
+
 def run_local(params: Params, *, workspace: str | Path = ".",
               pipeline_root: str | Path | None = None, cache: bool = False,
-              step_host: bool = True) -> dict[str, Any]:
+              verbose: bool = False, terminal: TextIO | None = None) -> dict[str, Any]:
     """Run the pipeline on `params` with kfp.local; raise CnnflowError if a task fails.
 
-    step_host: run the steps in children of a warm host process (`cnnflow.kfp.host`), which
-    imports mlflow, torch and the rest once for the whole run instead of once per task;
-    False runs each step in its own task process, as a cluster does.
+    kfp.local's own log (its task headers and every step's output) goes to
+    <pipeline root>/<run key>.log; `terminal` (default sys.stdout) gets one line per
+    step as it starts and ends, and with `verbose` the whole log as well.
 
-    Returns {"wall_s", "job_s", "orchestration_s", "decision", "model", "pipeline_root",
-    "run_key"}:
-    job_s is the training job's own wall time (the train step's launch_training),
-    orchestration_s the rest; model is the train step's Model artifact metadata; run_key
-    the KFP_RUN_ID the steps ran with (the MLflow parent run's `cnnflow.pipeline_key`).
+    Returns {"wall_s", "job_s", "decision", "model", "report", "pipeline_root", "run_key",
+    "log"}: job_s is the training job's own wall time (the train step's launch_training);
+    model and report are the train and evaluate steps' artifact metadata; run_key the
+    KFP_RUN_ID the steps ran with (the MLflow parent run's `cnnflow.pipeline_key`).
     """
-    from cnnflow.kfp.host import start_host
-    from cnnflow.kfp.steps import ERROR_ENV
+    from kfp import local
+
+    from cnnflow.kfp.cnn_training import build_pipeline
 
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="cnnflow-") as tmp, \
-            (start_host(tmp) if step_host else contextlib.nullcontext()):
-        errors = Path(tmp) / "step-errors.txt"
-        previous = os.environ.get(ERROR_ENV)
-        os.environ[ERROR_ENV] = str(errors)
+    ws = Path(workspace).resolve()
+    root = Path(pipeline_root).resolve() if pipeline_root else ws / PIPELINE_ROOT
+    root.mkdir(parents=True, exist_ok=True)
+    arguments = {**to_arguments(params), WORKSPACE: str(ws)}
+    # kfp.local leaves placeholders in environment values unresolved: every step finds the
+    # run's MLflow parent by this key instead (the uncached steps also get kfp.local's id)
+    key = f"kfp-local-{uuid.uuid4().hex[:12]}"
+    log_path = root / f"{key}.log"
+    previous = os.environ.get("KFP_RUN_ID")
+    os.environ["KFP_RUN_ID"] = key
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+               raise_on_error=True, enable_caching=cache)
+    pipeline = build_pipeline(local=True)
+    with open(log_path, "w", encoding="utf-8") as log_file, warnings.catch_warnings():
+        console = Console(log_file, terminal or sys.stdout, root, verbose=verbose)
+        # SubprocessRunner warns about every non-"python" base image: ours is cnnflow:<tag>
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         try:
-            result = _run_local(params, workspace, pipeline_root, cache)
-        except CnnflowError:
-            lines = errors.read_text(encoding="utf-8").splitlines() if errors.is_file() else []
-            if lines:  # the step's own one-line error: it names the value
-                raise CnnflowError(f"kfp.local: {lines[-1]}") from None
-            raise
+            with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+                pipeline(**arguments)
+        except RuntimeError as exc:
+            first = _ANSI.sub("", str(exc)).strip().splitlines()[0]
+            where = f"(log: {_relative(log_path)})"
+            raise CnnflowError(f"kfp.local: {console.error} {where}" if console.error else
+                               f"kfp.local: {first} {where}") from None
         finally:
-            _restore(ERROR_ENV, previous)
-    wall = time.monotonic() - start
-    return {**result, "wall_s": wall, "orchestration_s": wall - result["job_s"]}
+            _restore("KFP_RUN_ID", previous)
+    model = _metadata(_task_output(root, "train"), "model")
+    evaluate = _task_output(root, "evaluate")
+    return {"wall_s": time.monotonic() - start, "job_s": float(model.get("job_s") or 0.0),
+            "decision": evaluate.get("parameterValues", {}).get("Output", ""),
+            "model": model, "report": _metadata(evaluate, "report"),
+            "pipeline_root": str(root), "run_key": key, "log": str(log_path)}
+
+
+def summary_lines(result: dict[str, Any], params: Params) -> list[str]:
+    """What `cnnflow pipeline run` prints once every step has ended well."""
+    model, report = result["model"], result["report"]
+    version = report.get("model_version")
+    registered = (f"registered {report.get('model_name')} v{version} @challenger"
+                  if version else "not registered")
+    lines = [
+        f"pipeline succeeded in {result['wall_s']:.1f} s "
+        f"(training job {result['job_s']:.1f} s)",
+        f"  model    {_relative(Path(model.get('path', '?')) / 'model.pt')}; {registered}; "
+        f"champion decision: {report.get('decision') or result['decision']} "
+        f"({report.get('reason', '')})",
+        f"  reports  {_relative(Path(report.get('reports', params.evaluate.out_dir)))}/ "
+        f"(metrics.json, per_class.json, plots/)",
+    ]
+    if report.get("mlflow_parent_run_id"):
+        lines.append(f"  MLflow   experiment {report.get('experiment')}, run "
+                     f"{report['mlflow_parent_run_id']} in {report.get('tracking_uri')}; "
+                     f"browse it with `make mlflow-ui`")
+    lines.append(f"  KFP log  {_relative(Path(result['log']))}")
+    return lines
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _restore(name: str, value: str | None) -> None:
@@ -114,41 +261,6 @@ def _restore(name: str, value: str | None) -> None:
         os.environ.pop(name, None)
     else:
         os.environ[name] = value
-
-
-def _run_local(params: Params, workspace: str | Path, pipeline_root: str | Path | None,
-               cache: bool) -> dict[str, Any]:
-    from kfp import local
-
-    from cnnflow.kfp.cnn_training import build_pipeline
-
-    ws = Path(workspace).resolve()
-    root = Path(pipeline_root).resolve() if pipeline_root else ws / PIPELINE_ROOT
-    arguments = {**to_arguments(params), WORKSPACE: str(ws)}
-    # kfp.local leaves placeholders in environment values unresolved: every step finds the
-    # run's MLflow parent by this key instead (the uncached steps also get kfp.local's id)
-    key = f"kfp-local-{uuid.uuid4().hex[:12]}"
-    previous = os.environ.get("KFP_RUN_ID")
-    os.environ["KFP_RUN_ID"] = key
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
-               raise_on_error=True, enable_caching=cache)
-    pipeline = build_pipeline(local=True)
-    with warnings.catch_warnings():
-        # SubprocessRunner warns about every non-"python" base image: ours is cnnflow:<tag>
-        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        # resources and kfp-kubernetes settings are for the cluster (DESIGN.md's kfp.local traps)
-        warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
-        try:
-            pipeline(**arguments)
-        except RuntimeError as exc:
-            first = _ANSI.sub("", str(exc)).strip().splitlines()[0]
-            raise CnnflowError(f"kfp.local: {first} (its log is above)") from None
-        finally:
-            _restore("KFP_RUN_ID", previous)
-    model = _metadata(_task_output(root, "train"), "model")
-    decision = _task_output(root, "evaluate").get("parameterValues", {}).get("Output", "")
-    return {"job_s": float(model.get("job_s") or 0.0), "decision": decision, "model": model,
-            "pipeline_root": str(root), "run_key": key}
 
 
 def _check_host(host: str, timeout_s: float) -> None:

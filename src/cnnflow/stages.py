@@ -19,6 +19,7 @@ from typing import Any
 
 from cnnflow.config import Params, flatten
 from cnnflow.tracking import NullTracker
+from cnnflow.tracking.lineage import DATASET_TAG
 
 log = logging.getLogger("cnnflow")
 
@@ -56,7 +57,7 @@ def stage_tracker(params: Params, stage: str, *, out_dir: str | Path,
         raise
     finally:
         tracker.close(status)
-        if getattr(tracker, "buffering", False):
+        if tracker.buffering:
             log.warning("MLflow was unreachable during %s: its records are kept in %s; "
                         "upload them with `cnnflow tracking sync %s`", stage,
                         tracker.spool_dir, tracker.spool_dir)
@@ -68,7 +69,7 @@ def run_prepare(params: Params) -> dict[str, Any]:
     cfg = params.prepare
     with stage_tracker(params, "prepare", out_dir=cfg.out_dir) as tracker:
         meta = prepare(cfg)
-        tracker.set_tags({"cnnflow.dataset_version": meta["version"]})
+        tracker.set_tags({DATASET_TAG: meta["version"]})
         tracker.log_metrics({f"{s}_count": float(meta["splits"][s]["count"])
                              for s in ("train", "val", "test")}, step=0)
         tracker.log_artifact(Path(cfg.out_dir) / "dataset.json", "data")
@@ -83,18 +84,17 @@ def run_shard(params: Params) -> dict[str, Any]:
         manifest = write_shards(params.prepare.out_dir, out,
                                 samples_per_shard=params.shard.samples_per_shard,
                                 workers=params.shard.workers)
-        tracker.set_tags({"cnnflow.dataset_version": manifest["dataset_version"]})
+        tracker.set_tags({DATASET_TAG: manifest["dataset_version"]})
         tracker.log_metrics({"shards": float(sum(len(s["shards"])
                                                  for s in manifest["splits"].values()))}, 0)
         tracker.log_artifact(Path(out) / "manifest.json", "data")
-        if hasattr(tracker, "log_dataset"):
-            tracker.log_dataset(out, context="shards")
+        tracker.log_dataset(out, context="shards")
     return manifest
 
 
 def run_train(params: Params) -> dict[str, Any]:
     """Train in this process (one rank of torchrun / a PyTorchJob, or a world of 1)."""
-    from cnnflow.data.shards import read_manifest
+    from cnnflow.data.manifest import read_manifest
     from cnnflow.train.trainer import train
 
     tc = params.train
@@ -105,11 +105,10 @@ def run_train(params: Params) -> dict[str, Any]:
         version = read_manifest(shards)["dataset_version"]
     with stage_tracker(params, "train", out_dir=tc.out_dir, dataset_version=version,
                        world_size=world) as tracker:
-        if hasattr(tracker, "log_dataset"):
-            tracker.log_dataset(shards, context="train")
+        tracker.log_dataset(shards, context="train")
         summary = train(params, tracker=tracker)
-        if hasattr(tracker, "log_model"):
-            info = tracker.log_model(tc.out_dir)
+        info = tracker.log_model(tc.out_dir)
+        if tracker.run_id is not None:  # a tracked run (not tracking.enabled=false, rank > 0)
             record = {"run_id": tracker.run_id,
                       "model_uri": info.model_uri if info else None}
             (Path(tc.out_dir) / "mlflow.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -118,9 +117,9 @@ def run_train(params: Params) -> dict[str, Any]:
 
 def run_evaluate(params: Params, model: str = "") -> dict[str, Any]:
     """Score the model on the test split; register it as @challenger; run the gate."""
-    from cnnflow import registry
-    from cnnflow.data.shards import read_manifest
+    from cnnflow.data.manifest import read_manifest
     from cnnflow.evaluate import evaluate
+    from cnnflow.tracking import registry
 
     ec, tc = params.evaluate, params.tracking
     shards = params.train.shards or params.shard.out_dir
@@ -145,7 +144,7 @@ def run_evaluate(params: Params, model: str = "") -> dict[str, Any]:
                     result["promotion"] = registry.promote(
                         tc.model_name, result["registered"]["version"], margin=ec.margin,
                         promote_across_datasets=ec.promote_across_datasets,
-                        run_id=getattr(tracker, "run_id", None), tracking_uri=tc.uri or None)
+                        run_id=tracker.run_id, tracking_uri=tc.uri or None)
     return result
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from tests.distributed.harness import ROOT, read_jsonl, run_torchrun, write_params
+from tests.distributed.harness import ROOT, read_jsonl, read_probe, run_torchrun, write_params
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -39,7 +40,7 @@ def test_ddp_two_processes_converges_on_digits(digits_shards, tmp_path):
     # the final model rebuilds from model.json alone and loads strictly
     from cnnflow.models import model_from_config_dict
 
-    meta = __import__("json").loads((tmp_path / "out" / "model.json").read_text())
+    meta = json.loads((tmp_path / "out" / "model.json").read_text())
     model = model_from_config_dict(meta["model"])
     model.load_state_dict(torch.load(tmp_path / "out" / "model.pt"), strict=True)
     # one Chrome trace per rank, with communication in it
@@ -48,19 +49,69 @@ def test_ddp_two_processes_converges_on_digits(digits_shards, tmp_path):
         assert "ProfilerStep" in trace and "gloo" in trace.lower()
 
 
-@pytest.mark.parametrize(
-    "hook",
-    [["parallel.comm_hook=bf16"], ["parallel.comm_hook=fp16"],
-     ["parallel.comm_hook=powersgd", "parallel.powersgd_start_step=4"],
-     ["parallel.local_sgd_period=4", "parallel.local_sgd_start_step=4"]],
-    ids=["bf16", "fp16", "powersgd", "local_sgd"],
-)
-def test_communication_hooks_and_local_sgd_converge(digits_shards, tmp_path, hook):
+VARIANTS = {
+    "bf16": ["parallel.comm_hook=bf16"],
+    "fp16": ["parallel.comm_hook=fp16"],
+    "powersgd": ["parallel.comm_hook=powersgd", "parallel.powersgd_start_step=4"],
+    "local_sgd": ["parallel.local_sgd_period=4", "parallel.local_sgd_start_step=4"],
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_communication_hooks_and_local_sgd_converge(digits_shards, tmp_path, variant):
+    """Each variant trains to a good model AND did what it says on the wire, as recorded by
+    the probe in every worker (tests/distributed/harness.py): which hook ran on how many
+    gradient elements, and the dtype and size of each all-reduce."""
     params = write_params(tmp_path / "p.yaml", digits_shards, tmp_path,
-                          ["train.epochs=4", "train.log_every=5", *hook])
-    _ok(run_torchrun(2, params))
+                          ["train.epochs=4", "train.log_every=5", *VARIANTS[variant]])
+    probe = tmp_path / "probe"
+    _ok(run_torchrun(2, params, probe=probe))
     history = read_jsonl(tmp_path / "out" / "metrics.jsonl")
     assert history[-1]["val_accuracy"] >= 0.9, history[-1]
+    steps = json.loads((tmp_path / "out" / "summary.json").read_text())["steps"]
+    start = 4  # powersgd_start_step, local_sgd_start_step
+    for rank in (0, 1):
+        ev = read_probe(probe, rank)
+        assert len(ev["wrap"]) == 1, ev["wrap"]
+        n = ev["wrap"][0]["params"]  # the gradient elements of one step
+        hooked = sum(h["numel"] for h in ev["hook"])
+        names = {h["name"] for h in ev["hook"]}
+        from_hook = [a for a in ev["all_reduce"] if a["source"] == "hook"]
+        if variant in ("bf16", "fp16"):
+            assert names == {f"{variant}_compress_hook"}
+            assert hooked == steps * n  # every gradient of every step went through it
+            # ... and over the wire compressed: one all-reduce per bucket, in that dtype
+            assert len(from_hook) == len(ev["hook"])
+            assert {a["dtype"] for a in from_hook} == {
+                {"bf16": "bfloat16", "fp16": "float16"}[variant]}, from_hook[:5]
+            assert sum(a["numel"] for a in from_hook) == steps * n
+        elif variant == "powersgd":
+            assert names == {"powerSGD_hook"}
+            assert hooked == steps * n
+            vanilla = [h for h in ev["hook"] if h["iter"] < start]
+            compressed = [h for h in ev["hook"] if h["iter"] >= start]
+            assert sum(h["numel"] for h in vanilla) == start * n  # plain all-reduce first
+            assert sum(h["numel"] for h in compressed) == (steps - start) * n
+            # then one all-reduce of the P factors and one of the Q factors per bucket ...
+            ps = [a for a in ev["all_reduce"] if a["tag"] == "p"]
+            qs = [a for a in ev["all_reduce"] if a["tag"] == "q"]
+            assert len(ps) == len(qs) == len(compressed), (len(ps), len(qs), len(compressed))
+            # ... with far fewer elements on the wire than the gradients they stand for
+            wire = sum(a["numel"] for a in ev["all_reduce"]
+                       if a["source"] == "hook" or a["tag"]) - start * n
+            assert 0 < wire < 0.5 * (steps - start) * n, (wire, steps, n)
+        else:  # local SGD, period 4 from step 4
+            assert names == {"allreduce_hook"}
+            # DDP synchronises gradients for the first `start` steps only ...
+            assert hooked == start * n, (hooked, n)
+            # ... then every rank takes the mean parameters every 4 steps (and before
+            # each checkpoint, which saves the mean model)
+            averaged = [a["step"] for a in ev["average"]]
+            assert set(range(start + 4, steps + 1, 4)) <= set(averaged), averaged
+            assert min(averaged) >= start + 4, averaged
+            flat = [a for a in ev["all_reduce"] if a["source"] == "average"]
+            assert len(flat) == len(averaged)
+            assert all(a["numel"] == n and a["dtype"] == "float32" for a in flat), flat[:3]
 
 
 def test_world_size_invariance_1_2_4(digits_shards, tmp_path):
@@ -129,6 +180,7 @@ def test_sigkilled_worker_is_recovered_by_torchrun_max_restarts(digits_shards, t
         deadline = time.time() + 120
         while time.time() < deadline and not (tmp_path / "ckpt" / "step-00000006.pt").exists():
             time.sleep(0.05)
+        assert (tmp_path / "ckpt" / "step-00000006.pt").exists(), log_path.read_text()[-3000:]
         workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
                    if "cnnflow.train" in " ".join(c.cmdline())]
         assert len(workers) == 2, [w.cmdline() for w in workers]
@@ -136,7 +188,7 @@ def test_sigkilled_worker_is_recovered_by_torchrun_max_restarts(digits_shards, t
         assert proc.wait(240) == 0, log_path.read_text()[-5000:]
     text = log_path.read_text()
     assert "resumed from" in text and "steps lost" in text, text[-5000:]
-    summary = __import__("json").loads((tmp_path / "out" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     steps_per_epoch = read_jsonl(tmp_path / "out" / "metrics.jsonl")[0]["step"]
     assert summary["steps"] == 4 * steps_per_epoch
 

@@ -95,9 +95,9 @@ def test_plan_is_printed_per_rank(runs):
 
 def test_consolidated_model_loads_into_single_device_model_and_scores_the_same(
         runs, digits_shards):
-    from cnnflow.data.shards import read_manifest
+    from cnnflow.data.manifest import read_manifest
+    from cnnflow.distributed.compute import evaluate
     from cnnflow.models import model_from_config_dict
-    from cnnflow.train import loop
     from cnnflow.train.data import eval_batches
 
     out, _ = runs
@@ -106,7 +106,7 @@ def test_consolidated_model_loads_into_single_device_model_and_scores_the_same(
         meta = json.loads((out[name] / "out" / "model.json").read_text())
         model = model_from_config_dict(meta["model"])
         model.load_state_dict(torch.load(out[name] / "out" / "model.pt"), strict=True)
-        scored = loop.evaluate(model, eval_batches(
+        scored = evaluate(model, eval_batches(
             str(digits_shards), "val", batch_size=256, rank=0, world_size=1,
             mean=norm["mean"], std=norm["std"], expected_version=None), torch.device("cpu"))
         logged = read_jsonl(out[name] / "out" / "metrics.jsonl")[-1]
@@ -183,7 +183,7 @@ def test_settings_a_strategy_cannot_run_are_refused():
     p = params_from_dict({"parallel": {"fsdp": 2, "comm_hook": "bf16"}})
     with pytest.raises(ConfigError, match=r"parallel\.comm_hook='bf16': a DDP hook; expected "
                                           r"'none' with fsdp"):
-        check_supported(p, resolve_degrees(p.parallel, 2))
+        check_supported(p.parallel, resolve_degrees(p.parallel, 2))
     with pytest.raises(ConfigError, match=r"parallel\.fsdp=2 with parallel\.pp=2: .*expected "
                                           r"fsdp=1 when pp > 1"):
         resolve_degrees(ParallelConfig(pp=2, fsdp=2), 4)

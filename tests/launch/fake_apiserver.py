@@ -13,7 +13,11 @@ configured with `Configuration(host=cluster.url)`. Endpoints:
     GET(follow)             /api/v1/namespaces/{ns}/pods/{name}/log
 
 There is no operator: a test passes `on_create(cluster, job)`, run in a thread when a
-PyTorchJob is created, which plays one (add pods, write log lines, set conditions).
+PyTorchJob is created, which plays one (add pods, write log lines, set conditions). It
+orders its steps on what the launcher does, not on time: `wait_for_request` blocks until
+the launcher has sent a given request (e.g. started following the master pod's log).
+An exception in `on_create` fails the job (reason `ScenarioError`, the exception as its
+message), so the launcher stops at once and the test shows why.
 `fail_create={"ConfigMap": 403}` makes creating that kind fail; `no_crd=True` answers
 404 for pytorchjobs, as a cluster without the training operator does.
 """
@@ -58,7 +62,7 @@ class FakeCluster:
         self.events: list[tuple[int, str, str, dict[str, Any]]] = []  # rv, kind, type, obj
         self.logs: dict[str, list[str]] = {}
         self.logs_done: set[str] = set()
-        self.requests: list[tuple[str, str]] = []
+        self.requests: list[tuple[str, str]] = []  # (method, path[?watch|?follow])
         self.rv = 100
         self.cond = threading.Condition()
         self.stopping = False
@@ -168,13 +172,49 @@ class FakeCluster:
                 self.logs_done.add(pod)
             self.cond.notify_all()
 
+    # ---------------------------------------------------------------- requests
+
+    def seen(self, method: str, path: str) -> None:
+        """Record a request as it arrives (before it is answered) and wake the waiters."""
+        with self.cond:
+            self.requests.append((method, path))
+            self.cond.notify_all()
+
+    def wait_for_request(self, method: str, path: str, *, after: int = 0,
+                         timeout: float = 30) -> int:
+        """Block until `(method, path)` is among the requests from index `after` on; its
+        index. Logs are recorded as `.../log?follow` when followed, watches as `...?watch`.
+        `timeout` only guards against a hang: it raises TimeoutError."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for i in range(after, len(self.requests)):
+                    if self.requests[i] == (method, path):
+                        return i
+                left = deadline - time.monotonic()
+                if left <= 0 or self.stopping:
+                    raise TimeoutError(f"no {method} {path} after request #{after} within "
+                                       f"{timeout:g} s; seen: {self.requests[after:]}")
+                self.cond.wait(left)
+
+    def request_count(self) -> int:
+        with self.cond:
+            return len(self.requests)
+
     # ---------------------------------------------------------------- HTTP side
 
     def after_create(self, job: dict[str, Any]) -> None:
         if self.on_create is not None:
-            t = threading.Thread(target=self.on_create, args=(self, job), daemon=True)
+            t = threading.Thread(target=self._scenario, args=(job,), daemon=True)
             self.threads.append(t)
             t.start()
+
+    def _scenario(self, job: dict[str, Any]) -> None:
+        try:
+            self.on_create(self, job)
+        except Exception as exc:  # reported through the job: see the module docstring
+            self.set_condition(job, "Failed", "ScenarioError",
+                               f"scenario {self.on_create.__name__}: {exc!r}")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -215,7 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
     # -- verbs
     def do_POST(self) -> None:
         c, url = self.cluster, urlparse(self.path)
-        c.requests.append(("POST", url.path))
+        c.seen("POST", url.path)
         body = self._body()
         if mt := JOBS.match(url.path):
             kind = "PyTorchJob"
@@ -242,7 +282,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_DELETE(self) -> None:
         c, url = self.cluster, urlparse(self.path)
-        c.requests.append(("DELETE", url.path))
+        c.seen("DELETE", url.path)
         for pattern, kind in ((JOBS, "PyTorchJob"), (MAPS, "ConfigMap")):
             mt = pattern.match(url.path)
             if mt and mt.group(2):
@@ -258,7 +298,8 @@ class _Handler(BaseHTTPRequestHandler):
         c, url = self.cluster, urlparse(self.path)
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
         watching = str(q.get("watch")).lower() == "true"
-        c.requests.append(("GET", url.path + ("?watch" if watching else "")))
+        following = str(q.get("follow")).lower() == "true"
+        c.seen("GET", url.path + ("?watch" if watching else "?follow" if following else ""))
         if (mt := JOBS.match(url.path)) and c.no_crd:
             return self._status(404, "NotFound", "the server could not find the resource")
         if mt and mt.group(2):
@@ -274,7 +315,7 @@ class _Handler(BaseHTTPRequestHandler):
         if mt := PODS.match(url.path):
             return self._pods(mt.group(1), q.get("labelSelector", ""))
         if mt := LOGS.match(url.path):
-            return self._log(mt.group(2), str(q.get("follow")).lower() == "true")
+            return self._log(mt.group(2), following)
         self._status(404, "NotFound", f"no route {url.path}")
 
     def _pods(self, ns: str, selector: str) -> None:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import time
 
 import pytest
+import yaml
 from kubernetes import client
 
+from cnnflow.config import load_params, params_from_dict
+from cnnflow.configs.launch import LaunchConfig
 from cnnflow.launch import launch_training
-from cnnflow.launch.config import LaunchConfig
 from cnnflow.launch.kubernetes import LaunchError, api_client, launch_job
 from cnnflow.launch.pytorchjob import render_job
 
@@ -33,16 +35,25 @@ def _rendered(**cfg):
                       parent_run_id="parent-1")
 
 
+# The scenarios below play the operator. They order their steps on the launcher's requests
+# (FakeCluster.wait_for_request), never on sleeps: the job ends only once the launcher has
+# done what the test then checks (followed the master log, looked at the pending pod).
+
+
+def _follow_path(job: dict, pod: str) -> str:
+    return f"/api/v1/namespaces/{job['metadata']['namespace']}/pods/{pod}/log?follow"
+
+
 def _succeeds(cluster: FakeCluster, job: dict) -> None:
     cluster.set_condition(job, "Created", "PyTorchJobCreated", "created")
     pod = cluster.add_pod(job, "master", 0, "Running")
     cluster.add_pod(job, "worker", 0, "Running")
     cluster.set_condition(job, "Running", "PyTorchJobRunning", "running")
     cluster.write_log(pod, "epoch 1 loss 2.30")
-    time.sleep(0.2)
+    # the second line is written while the launcher follows the log, not before
+    cluster.wait_for_request("GET", _follow_path(job, pod))
     cluster.write_log(pod, "epoch 2 loss 1.10", done=True)
     cluster.add_pod(job, "master", 0, "Succeeded")
-    time.sleep(0.2)
     cluster.set_condition(job, "Succeeded", "PyTorchJobSucceeded",
                           "PyTorchJob cnnflow/x successfully completed.")
 
@@ -53,16 +64,21 @@ def _fails(cluster: FakeCluster, job: dict) -> None:
     cluster.write_log(pod, "Traceback (most recent call last):", "RuntimeError: boom",
                       done=True)
     cluster.add_pod(job, "master", 0, "Failed")
-    time.sleep(0.1)
+    cluster.wait_for_request("GET", _follow_path(job, pod))  # the launcher reads the log
     cluster.set_condition(job, "Failed", "PyTorchJobFailed",
                           f"PyTorchJob cnnflow/{name} is failed because 1 Master replica(s) "
                           "failed.")
 
 
 def _unschedulable(cluster: FakeCluster, job: dict) -> None:
+    """The operator stops a job whose master pod never got a node at its deadline. What
+    matters to the launcher is the order, not the clock: it has seen the pending pod (a pod
+    list sent after the pod exists; the launcher joins that list's thread before it reports)
+    when the DeadlineExceeded condition arrives."""
     cluster.add_pod(job, "master", 0, "Pending", scheduled=(
         "Unschedulable", "0/3 nodes are available: 3 Insufficient cpu."))
-    time.sleep(job["spec"]["runPolicy"]["activeDeadlineSeconds"])
+    cluster.wait_for_request("GET", f"/api/v1/namespaces/{job['metadata']['namespace']}/pods",
+                             after=cluster.request_count())
     cluster.set_condition(job, "Failed", "DeadlineExceeded", "PyTorchJob x has failed "
                           "because it was active longer than specified deadline")
 
@@ -126,7 +142,9 @@ def test_no_outcome_at_all_gives_up_after_deadline_plus_grace():
                            r"activeDeadlineSeconds=1: no master pod was ever scheduled"):
             launch_job(rendered, api=_api(cluster), sink=lambda s: None,
                        deadline_grace_s=0.5, **FAST)
-        assert time.monotonic() - start < 10
+        elapsed = time.monotonic() - start
+        assert elapsed >= 1.5  # it waited for the deadline (1 s) plus the grace (0.5 s)
+        assert elapsed < 30  # a hang guard with room for a loaded machine, not a speed limit
         assert cluster.names("PyTorchJob") == []
 
 
@@ -174,15 +192,23 @@ def test_kubeconfig_file_is_used(tmp_path):
     assert api_client(str(kubeconfig)).configuration.host == "http://127.0.0.1:1"
 
 
-def test_launch_training_with_the_kubernetes_backend():
-    cfg = LaunchConfig(backend="kubernetes", nodes=2)
+def test_launch_training_with_the_kubernetes_backend(tmp_path):
+    """The train step's entry: the final config goes into the ConfigMap the job mounts."""
+    params = load_params(None, ["launch.backend=kubernetes", "launch.nodes=2",
+                                "optim.lr=0.05"])
     lines: list[str] = []
     with FakeCluster(_succeeds) as cluster:
-        result = launch_training(cfg, params_yaml="train: {}\n", run_id="r-7",
-                                 api=_api(cluster), echo=lines.append)
+        result = launch_training(params, shards=str(tmp_path / "data" / "shards"),
+                                 workspace=tmp_path, run_id="r-7", api=_api(cluster),
+                                 echo=lines.append)
         assert result.backend == "kubernetes"
         assert result.out_dir == f"/workspace/runs/{result.name}/train"
         assert "[master-0] epoch 2 loss 1.10" in lines
+        (config_map,) = [obj for _, kind, event, obj in cluster.events
+                         if kind == "ConfigMap" and event == "ADDED"]
+    final = params_from_dict(yaml.safe_load(config_map["data"]["params.yaml"]))
+    assert final.optim.lr == 0.05 and final.train.shards == "/workspace/data/shards"
+    assert final.train.out_dir == result.out_dir
 
 
 def test_untagged_image_in_a_hand_written_job_is_refused_before_creation():

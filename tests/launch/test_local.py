@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cnnflow.config import load_params
+from cnnflow.configs.launch import LaunchConfig
 from cnnflow.launch import launch_training
-from cnnflow.launch.config import LaunchConfig
 from cnnflow.launch.local import LocalJob, run_local
 from cnnflow.launch.pytorchjob import render_job
 from cnnflow.launch.validate import ManifestError
@@ -26,17 +27,20 @@ TINY = ["train.epochs=1", "train.max_steps=4", "train.batch_size=32", "model.wid
 
 
 def _train(tmp_path, digits_shards, **cfg):
-    # As on the cluster: shards on the volume, at the default <mount_path>/data/shards.
+    # As on the cluster: shards on the volume, at the default <mount_path>/data/shards, and
+    # the final config (as the train step resolves it for the pods) in the ConfigMap.
     ws = tmp_path / "ws"
     (ws / "data").mkdir(parents=True)
     (ws / "data" / "shards").symlink_to(digits_shards)
-    rendered = render_job(LaunchConfig(tracking_uri="", **cfg), run_id=f"run-{cfg}",
-                          params_yaml=params_text(TINY))
+    name = f"run-{len(cfg)}-{cfg.get('nodes', 1)}"
+    out, ckpt = ws / "runs" / name / "train", ws / "runs" / name / "checkpoints"
+    text = params_text([*TINY, f"train.shards={ws / 'data' / 'shards'}", f"train.out_dir={out}",
+                        f"checkpoint.dir={ckpt}"])
+    rendered = render_job(LaunchConfig(tracking_uri="", **cfg), name=name, params_yaml=text)
     job_file = tmp_path / "job.yaml"
     job_file.write_text(rendered.to_yaml())
     lines: list[str] = []
     rc = run_local(job_file, mounts={"/workspace": str(ws)}, echo=lines.append)
-    out = ws / "runs" / rendered.name / "train"
     return rc, lines, out
 
 
@@ -60,11 +64,12 @@ def test_one_replica_two_processes_with_torchrun(tmp_path, digits_shards):
     ws = tmp_path / "ws"
     (ws / "data").mkdir(parents=True)
     (ws / "data" / "shards").symlink_to(digits_shards)
-    cfg = LaunchConfig(backend="local", nodes=1, nproc_per_node=2, tracking_uri="",
-                       local_mounts=[f"/workspace={ws}"])
+    params = load_params(None, ["tracking.enabled=false", *TINY, "launch.backend=local",
+                                "launch.nodes=1", "launch.nproc_per_node=2",
+                                f"launch.local_mounts=[/workspace={ws}]"])
     lines: list[str] = []
-    result = launch_training(cfg, params_yaml=params_text(TINY), run_id="torchrun-run",
-                             echo=lines.append)
+    result = launch_training(params, shards=str(ws / "data" / "shards"), workspace=ws,
+                             run_id="torchrun-run", echo=lines.append)
     assert result.out_dir == f"{ws}/runs/{result.name}/train"
     assert (Path(result.out_dir) / "model.pt").is_file()
     assert all(line.startswith("[master-0] ") for line in lines)
@@ -118,8 +123,22 @@ def test_on_failure_restarts_the_replica_then_succeeds(tmp_path):
 
 
 def test_never_fails_the_job_and_terminates_the_others(tmp_path):
-    code = ("import os, sys, time; rank = os.environ['RANK']; print('up', rank, flush=True);"
-            " time.sleep(0.5) if rank == '1' else time.sleep(60); sys.exit(5)")
+    # The worker fails once the master has printed (the master's marker file says so); the
+    # master would run for a minute: the job must stop it (SIGTERM, which it records).
+    code = ("import os, pathlib, signal, sys, time\n"
+            "rank, marker = os.environ['RANK'], pathlib.Path(sys.argv[1])\n"
+            "print('up', rank, flush=True)\n"
+            "if rank == '0':\n"
+            "    def term(*_):\n"
+            "        pathlib.Path(sys.argv[1] + '.terminated').touch()\n"
+            "        sys.exit(143)\n"
+            "    signal.signal(signal.SIGTERM, term)\n"
+            "    marker.touch()\n"
+            "    time.sleep(60)\n"
+            "end = time.monotonic() + 60\n"
+            "while not marker.exists() and time.monotonic() < end:\n"
+            "    time.sleep(0.01)\n"
+            "sys.exit(5)\n")
     lines: list[str] = []
     result = LocalJob(_job(tmp_path, code, nodes=2, restart_policy="Never"),
                       mounts={"/workspace": str(tmp_path)}, echo=lines.append,
@@ -127,6 +146,7 @@ def test_never_fails_the_job_and_terminates_the_others(tmp_path):
     assert not result.succeeded and result.exit_code == 5
     assert result.reason == "replica worker-0 exited with code 5 (restartPolicy Never)"
     assert sorted(lines) == ["[master-0] up 0", "[worker-0] up 1"]
+    assert (tmp_path / "marker.terminated").exists()  # the master was stopped, not waited for
 
 
 def test_backoff_limit_caps_restarts(tmp_path):
@@ -176,7 +196,7 @@ def test_operator_environment_and_volume_mapping(tmp_path):
     assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
     params = argv[argv.index("--params") + 1]
     assert yaml.safe_load(Path(params).read_text()) == {"x": 1}  # the ConfigMap, written locally
-    assert f"train.out_dir={tmp_path / 'ws'}/runs/envjob/train" in argv
+    assert argv[3:] == ["-m", "cnnflow.train", "--params", params]  # the one channel
     assert master["HOME"].startswith(str(job.workdir))  # emptyDir /tmp -> per replica
 
 

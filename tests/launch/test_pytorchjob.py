@@ -7,8 +7,8 @@ import copy
 
 import pytest
 
+from cnnflow.configs.launch import LaunchConfig
 from cnnflow.errors import ConfigError
-from cnnflow.launch.config import LaunchConfig
 from cnnflow.launch.pytorchjob import example_yaml, job_name, render_job
 from cnnflow.launch.validate import (
     K8S_SCHEMA_VERSION,
@@ -45,8 +45,7 @@ def test_schema_version_is_the_newest_bundled():
 
 def test_job_contents():
     cfg = LaunchConfig(nodes=3, tracking_uri="http://mlflow:5000", env=["A=1"])
-    r = render_job(cfg, run_id="run-42", params_yaml="x: 1\n", parent_run_id="p-9",
-                   overrides=["optim.lr=0.05"])
+    r = render_job(cfg, run_id="run-42", params_yaml="x: 1\n", parent_run_id="p-9")
     job = r.documents()[1]
     spec = job["spec"]
     assert spec["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
@@ -58,16 +57,43 @@ def test_job_contents():
     c = pod["containers"][0]
     assert c["name"] == "pytorch" and c["image"] == "cnnflow:0.1.0"
     assert c["command"] == ["python"]
-    assert c["args"][:4] == ["-m", "cnnflow.train", "--params", "/etc/cnnflow/params.yaml"]
-    assert f"train.out_dir=/workspace/runs/{r.name}/train" in c["args"]
-    assert "optim.lr=0.05" in c["args"]
+    # one channel: the params ConfigMap; the argv names only the file
+    assert c["args"] == ["-m", "cnnflow.train", "--params", "/etc/cnnflow/params.yaml"]
+    assert r.documents()[0]["data"] == {"params.yaml": "x: 1\n"}
     env = {e["name"]: e["value"] for e in c["env"]}
-    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert env["CNNFLOW_PARENT_RUN_ID"] == "p-9" and env["A"] == "1"
-    assert env["CNNFLOW_DATASET_URI"] == "/workspace/data/shards"
+    assert env == {"HOME": "/tmp", "KFP_RUN_ID": "run-42", "CNNFLOW_PARENT_RUN_ID": "p-9",
+                   "A": "1"}
     assert {v["name"] for v in pod["volumes"]} == {"data", "tmp", "dshm", "params"}
     assert pod["securityContext"]["runAsUser"] == 1000
     assert r.out_dir == f"/workspace/runs/{r.name}/train"
+
+
+def test_the_train_step_resolves_the_final_config_into_the_config_map(tmp_path):
+    """plan_job: shards, outputs, checkpoints and the tracking store as the pods see them,
+    written once into the ConfigMap; parsed back, it is the config the pods train with."""
+    import yaml
+
+    from cnnflow.config import load_params, params_from_dict
+    from cnnflow.launch import plan_job
+
+    params = load_params(None, ["optim.lr=0.05", "launch.backend=kubernetes",
+                                "launch.tracking_uri=http://mlflow:5000"])
+    rendered, final, _ = plan_job(params, shards=str(tmp_path / "data" / "shards"),
+                                  workspace=tmp_path, run_id="run-7")
+    (text,) = rendered.documents()[0]["data"].values()
+    assert params_from_dict(yaml.safe_load(text)) == final
+    assert final.train.shards == "/workspace/data/shards"
+    assert final.train.out_dir == f"/workspace/runs/{rendered.name}/train"
+    assert final.checkpoint.dir == f"/workspace/runs/{rendered.name}/checkpoints"
+    assert final.tracking.uri == "http://mlflow:5000" and final.optim.lr == 0.05
+    # the local backend's replicas are processes here: the workspace's own paths
+    local = load_params(None, [f"tracking.uri=sqlite:///{tmp_path}/mlflow/mlflow.db"])
+    _, final, mounts = plan_job(local, shards=str(tmp_path / "data" / "shards"),
+                                workspace=tmp_path, run_id="run-7")
+    assert mounts == {"/workspace": str(tmp_path)}
+    assert final.train.shards == str(tmp_path / "data" / "shards")
+    assert final.train.out_dir.startswith(f"{tmp_path}/runs/cnnflow-train-")
+    assert final.tracking.uri == f"sqlite:///{tmp_path}/mlflow/mlflow.db"
 
 
 def test_torchrun_and_elastic_commands():

@@ -11,6 +11,7 @@ import ast
 import inspect
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -24,10 +25,10 @@ import pytest
 import yaml
 
 from cnnflow.config import Params, flatten, load_params
+from cnnflow.configs.launch import LaunchConfig
 from cnnflow.errors import CnnflowError, ConfigError
 from cnnflow.kfp import components as comps
 from cnnflow.kfp.params import decode, encode, kfp_name, to_arguments
-from cnnflow.launch.config import LaunchConfig
 from cnnflow.pipeline import compile_pipeline, run_local, submit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,62 +174,113 @@ def test_prepare_component_writes_the_workspace_and_describes_it(isolated_proces
     assert "KFP_RUN_ID" not in os.environ  # an unresolved placeholder is not an id
 
 
+STEP_LINE = re.compile(r"^\[(\d)/5\] (\w+) +(started|ok|FAILED)(?: +([\d.]+) s  (.*))?$")
+
+
 @pytest.mark.slow
-def test_kfp_local_pipeline_end_to_end(tmp_path, monkeypatch, capfd):
+def test_pipeline_run_end_to_end_as_make_run_runs_it(tmp_path):
+    """`cnnflow pipeline run` (what `make run` runs) in a fresh workspace: a line per step
+    as it starts and ends with its key result, then the summary; kfp.local's log in a
+    file; the model registered and every MLflow run closed under one parent."""
     from mlflow import MlflowClient
 
     ws = tmp_path / "ws"
     shutil.copytree(ROOT / "data" / "raw" / "digits", ws / "data" / "raw" / "digits")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("CNNFLOW_PARENT_RUN_ID", raising=False)
-    params = load_params(ROOT / "params.yaml", ["train.epochs=2", "launch.nproc_per_node=1",
-                                                "tracking.experiment=kfp-e2e"])
-    result = run_local(params, workspace=ws)
-    out = capfd.readouterr().out
+    shutil.copy(ROOT / "params.yaml", ws / "params.yaml")
+    done = _cli("pipeline", "run", "--set", "train.epochs=2", "--set",
+                "launch.nproc_per_node=1", "--set", "tracking.experiment=kfp-e2e", cwd=ws,
+                timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) <= 40, done.stdout
+    steps = [STEP_LINE.match(line) for line in lines[:10]]
+    assert all(steps), lines[:10]
+    assert [(m[2], m[3]) for m in steps] == [
+        (s, state) for s in STEPS for state in ("started", "ok")]
+    result = {m[2]: m[5] for m in steps if m[3] == "ok"}
 
-    assert result["decision"] == "promoted"
-    assert "champion decision: promoted (no champion yet)" in out
-    model = result["model"]
-    assert Path(model["path"]) == ws / "runs" / model["job"] / "train"
-    assert (Path(model["path"]) / "model.pt").is_file()
-    assert (ws / "data" / "shards" / "manifest.json").is_file()
-    assert json.loads((ws / "reports" / "metrics.json").read_text())["n"] > 0
-    assert 0 < result["job_s"] < result["wall_s"]
+    dataset = json.loads((ws / "data" / "prepared" / "dataset.json").read_text())
+    counts = {s: dataset["splits"][s]["count"] for s in ("train", "val", "test")}
+    assert result["prepare"] == (f"digits {dataset['version'][:12]}: train {counts['train']}, "
+                                 f"val {counts['val']}, test {counts['test']}")
+    manifest = json.loads((ws / "data" / "shards" / "manifest.json").read_text())
+    n_shards = sum(len(v["shards"]) for v in manifest["splits"].values())
+    assert result["shard"] == f"{n_shards} shards of {dataset['version'][:12]}"
+    summary_files = list(ws.glob("runs/*/train/summary.json"))
+    assert len(summary_files) == 1
+    summary = json.loads(summary_files[0].read_text())
+    last = summary["history"][-1]
+    train = re.fullmatch(r"(\d+) steps, (\d+) samples/s, val accuracy ([\d.]+) \(job "
+                         r"(\S+), ([\d.]+) s\)", result["train"])
+    assert train, result["train"]
+    assert int(train[1]) == summary["steps"] and train[4] == summary_files[0].parts[-3]
+    assert int(train[2]) == round(last["samples_per_s"])
+    assert float(train[3]) == pytest.approx(last["val_accuracy"], abs=5e-5)
+    metrics = json.loads((ws / "reports" / "metrics.json").read_text())
+    assert result["evaluate"] == (f"test accuracy {metrics['accuracy']:.4f}; cnnflow v1; "
+                                  f"champion decision: promoted")
 
+    assert lines[10].startswith("pipeline succeeded in ")
+    wall, job = map(float, re.findall(r"([\d.]+) s", lines[10]))
+    assert 0 < job < wall
+    assert lines[11] == (f"  model    runs/{train[4]}/train/model.pt; registered cnnflow v1 "
+                         f"@challenger; champion decision: promoted (no champion yet)")
+    assert lines[12] == "  reports  reports/ (metrics.json, per_class.json, plots/)"
+    log_name = re.fullmatch(r"  KFP log  (outputs/kfp/kfp-local-\w+\.log)", lines[-1])
+    assert log_name, lines[-1]
+    log_text = (ws / log_name[1]).read_text()
+    assert "Executing task 'train'" in log_text and "Got executor_input" in log_text
+    assert "Executing task" not in done.stdout
+    # each step a fresh process that loaded only what it needs by its first line
+    cold = dict(re.findall(r"step (\w+): started, cold start [\d.]+ s, loaded ([\w,]*)",
+                           log_text))
+    assert set(cold) == set(STEPS)
+    for step in ("prepare", "shard", "finish"):
+        assert "torch" not in cold[step].split(","), (step, cold[step])
+    assert all(set(cold[s].split(",")) >= {"kfp", "mlflow"} for s in STEPS)
+
+    uri = f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}"
     client = MlflowClient(uri)
-    versions = client.search_model_versions("name='cnnflow'")
-    assert [str(v.version) for v in versions] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name='cnnflow'")] == ["1"]
     assert str(client.get_model_version_by_alias("cnnflow", "champion").version) == "1"
     experiment = client.get_experiment_by_name("kfp-e2e").experiment_id
     runs = client.search_runs([experiment])
     (parent,) = [r for r in runs if r.data.tags.get("cnnflow.role") == "pipeline"]
+    assert lines[13] == (f"  MLflow   experiment kfp-e2e, run {parent.info.run_id} in {uri}; "
+                         f"browse it with `make mlflow-ui`")
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["cnnflow.runner"] == "kfp-local"
-    assert parent.data.tags["cnnflow.pipeline_key"] == result["run_key"]
-    assert "KFP_RUN_ID" not in os.environ or os.environ["KFP_RUN_ID"] != result["run_key"]
+    assert parent.data.tags["cnnflow.pipeline_key"] == log_name[1].split("/")[-1][:-4]
     children = {r.info.run_name: r for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"prepare", "shard", "train", "evaluate"}
     assert all(r.info.status == "FINISHED" for r in children.values())
     assert all(r.data.tags["cnnflow.runner"] == "kfp-local" for r in children.values())
-    report = next(Path(result["pipeline_root"]).glob("cnn-training-*/evaluate/report"))
+    report = next((ws / "outputs" / "kfp").glob("cnn-training-*/evaluate/report"))
     assert "Champion decision: **promoted**" in report.read_text()
 
 
-@pytest.mark.parametrize("step_host", [True, False], ids=["host", "no-host"])
-def test_a_failing_step_fails_the_run_with_its_own_one_line_error(tmp_path, monkeypatch,
-                                                                  step_host):
-    """kfp.local only says which task failed; the run's error repeats the step's line."""
+def test_a_failing_step_fails_the_run_with_its_own_one_line_error(tmp_path, monkeypatch):
+    """kfp.local only says which task failed; the run's error repeats the step's line and
+    names the log; the terminal shows no traceback and no SUCCESS after the failure."""
+    import io
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("CNNFLOW_PARENT_RUN_ID", raising=False)
     missing = tmp_path / "no-such-dir"
     params = load_params(None, ["prepare.source=imagefolder", f"prepare.path={missing}"])
+    terminal = io.StringIO()
     with pytest.raises(CnnflowError) as err:
-        run_local(params, workspace=tmp_path / "ws", step_host=step_host)
-    assert str(err.value) == (f"kfp.local: step prepare failed: {missing}: prepare.path for "
-                              f"source 'imagefolder' is not a directory")
-    assert "CNNFLOW_STEP_ERRORS" not in os.environ
+        run_local(params, workspace=tmp_path / "ws", terminal=terminal)
+    (log,) = (tmp_path / "ws" / "outputs" / "kfp").glob("kfp-local-*.log")
+    error = (f"step prepare failed: {missing}: prepare.path for source 'imagefolder' is not "
+             f"a directory")
+    assert str(err.value) == f"kfp.local: {error} (log: {log})"
+    shown = terminal.getvalue().splitlines()
+    assert shown[0] == "[1/5] prepare  started"
+    assert re.fullmatch(r"\[1/5\] prepare  FAILED +[\d.]+ s  " + re.escape(error), shown[1])
+    assert "SUCCESS" not in terminal.getvalue() and "Traceback" not in terminal.getvalue()
+    assert "Traceback" in log.read_text()  # the whole story is in the log
     assert not (tmp_path / "ws" / "data" / "prepared").exists()
 
 
@@ -262,21 +314,15 @@ def test_submit_to_a_silent_host_times_out(monkeypatch):
     assert time.monotonic() - start < 4
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cnnflow.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
-
-
-@pytest.fixture
-def cli_with_pipeline():
-    from cnnflow import cli
-
-    if not any(group.name == "pipeline" for group in cli.app.registered_groups):
-        pytest.skip("`cnnflow pipeline` is not registered in cnnflow.cli yet")
+def _cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "CNNFLOW_PARENT_RUN_ID", "KFP_RUN_ID")}
+    return subprocess.run([sys.executable, "-m", "cnnflow.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("command", [["run"], ["submit", "--host", "http://127.0.0.1:9"]])
-def test_cli_rejects_a_bad_parameter_in_one_line(cli_with_pipeline, command, tmp_path):
+def test_cli_rejects_a_bad_parameter_in_one_line(command, tmp_path):
     done = _cli("pipeline", *command, "--set", "prepare.seed=abc", cwd=tmp_path)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
@@ -285,7 +331,7 @@ def test_cli_rejects_a_bad_parameter_in_one_line(cli_with_pipeline, command, tmp
     assert done.returncode == 2 and "prepare.sede" in done.stderr
 
 
-def test_cli_submit_to_a_closed_port(cli_with_pipeline, tmp_path):
+def test_cli_submit_to_a_closed_port(tmp_path):
     host = f"http://127.0.0.1:{_closed_port()}"
     done = _cli("pipeline", "submit", "--host", host, cwd=tmp_path)
     assert done.returncode == 2
@@ -293,7 +339,7 @@ def test_cli_submit_to_a_closed_port(cli_with_pipeline, tmp_path):
         f"cnnflow: error: KFP host {host} does not answer ([Errno 111] Connection refused)"]
 
 
-def test_cli_compile_writes_the_yaml(cli_with_pipeline, tmp_path):
+def test_cli_compile_writes_the_yaml(tmp_path):
     done = _cli("pipeline", "compile", "--out", str(tmp_path / "p.yaml"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "p.yaml").read_text() == COMPILED.read_text()

@@ -17,7 +17,7 @@ import torch
 
 from cnnflow.config import ModelConfig
 from cnnflow.data.loader import build_loader, normalize_batch
-from cnnflow.data.shards import read_manifest
+from cnnflow.data.manifest import read_manifest
 from cnnflow.models import build_model, model_config_dict
 from cnnflow.train.checkpoint import atomic_save
 

@@ -8,7 +8,7 @@ import yaml
 from mlflow import MlflowClient
 
 from cnnflow.config import Params, flatten
-from cnnflow.data.shards import read_manifest
+from cnnflow.data.manifest import read_manifest
 from cnnflow.tracking import lineage
 from cnnflow.tracking.mlflow_tracker import end_parent_run, stage_run, start_parent_run
 

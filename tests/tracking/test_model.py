@@ -14,8 +14,8 @@ from mlflow import MlflowClient
 from cnnflow.data.loader import build_loader, normalize_batch
 from cnnflow.errors import CnnflowError
 from cnnflow.evaluate import evaluate
-from cnnflow.registry import load_model_dir
 from cnnflow.tracking.mlflow_tracker import fluent_target, stage_run
+from cnnflow.tracking.registry import load_model_dir
 
 
 def test_round_trip_through_both_loaders(tracking_uri, shards, model_dir, tmp_path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
-from cnnflow import registry
 from cnnflow.errors import CnnflowError
 from cnnflow.evaluate import evaluate
+from cnnflow.tracking import registry
 from cnnflow.tracking.mlflow_tracker import stage_run
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import requests
 import torch
 
-from cnnflow import registry
 from cnnflow.data.loader import build_loader
+from cnnflow.tracking import registry
 from cnnflow.tracking.mlflow_tracker import stage_run
 from cnnflow.tracking.server import free_port, serve_model
 

@@ -1,8 +1,10 @@
-"""params.yaml loading: sections, overrides, and one-line errors naming the key."""
+"""params.yaml loading: sections, overrides, and one-line errors naming the origin and key."""
 
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,23 +37,26 @@ def test_overrides_are_typed_by_yaml_and_applied():
 
 def test_int_is_accepted_for_a_float_field_but_not_the_reverse():
     assert load_params(None, ["optim.lr=1"]).optim.lr == 1.0
-    with pytest.raises(ConfigError, match=r"^prepare\.seed: expected an int, got 1\.5$"):
+    with pytest.raises(ConfigError, match=r"^--set prepare\.seed: expected an int, got 1\.5$"):
         load_params(None, ["prepare.seed=1.5"])
 
 
 @pytest.mark.parametrize(
     ("override", "pattern"),
     [
-        ("prepare.bogus=1", r"^prepare\.bogus: unknown key; expected one of .*seed"),
-        ("nosuch.key=1", r"unknown section 'nosuch'"),
-        ("prepare.seed=abc", r"^prepare\.seed: expected an int, got 'abc'$"),
-        ("train.flip=maybe", r"^train\.flip: expected true or false, got 'maybe'$"),
-        ("prepare.source=mnist", r"^prepare\.source: expected one of 'digits'.*got 'mnist'$"),
-        ("prepare.train_ratio=0.9", r"sum of 1, got 1\.1"),
-        ("prepare.channels=2", r"^prepare\.channels: expected 0, 1 or 3, got 2$"),
-        ("optim.lr=-1", r"^optim\.lr: expected a number > 0, got -1\.0$"),
-        ("train.batch_size=0", r"^train\.batch_size: expected an int >= 1, got 0$"),
-        ("prepare.seed", r"expected section\.key=value"),
+        ("prepare.bogus=1", r"^--set prepare\.bogus: unknown key; expected one of .*seed"),
+        ("nosuch.key=1", r"^--set nosuch\.key: unknown section 'nosuch'"),
+        ("prepare.seed=abc", r"^--set prepare\.seed: expected an int, got 'abc'$"),
+        ("train.flip=maybe", r"^--set train\.flip: expected true or false, got 'maybe'$"),
+        ("prepare.source=mnist", r"^--set prepare\.source: expected one of 'digits'.*got 'mnist'$"),
+        ("prepare.train_ratio=0.9", r"^--set prepare\.train_ratio\+.*sum of 1, got 1\.1$"),
+        ("prepare.channels=2", r"^--set prepare\.channels: expected 0, 1 or 3, got 2$"),
+        ("optim.lr=-1", r"^--set optim\.lr: expected a number > 0, got -1\.0$"),
+        ("train.batch_size=0", r"^--set train\.batch_size: expected an int >= 1, got 0$"),
+        ("prepare.seed", r"^--set 'prepare\.seed': expected section\.key=value"),
+        ("optim.betas=[0.9, x]", r"^--set optim\.betas\[1\]: expected a number, got 'x'$"),
+        ("launch.elastic_min_nodes=2", r"^--set launch\.elastic_min_nodes/elastic_max_nodes:"),
+        # The key at fault was set by nobody (its default): no origin to name.
         ("prepare.source=idx", r"^prepare\.path: expected the input path for source 'idx'"),
     ],
 )
@@ -71,6 +76,56 @@ def test_file_errors_name_the_file(tmp_path):
         load_params(bad)
     with pytest.raises(ConfigError, match="params file not found"):
         load_params(tmp_path / "missing.yaml")
+
+
+def _error(path, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        load_params(path, overrides)
+    return str(info.value)
+
+
+def test_errors_name_the_origin_of_the_bad_value(tmp_path, monkeypatch):
+    """A value from `--set` is named as such even when a params file was read too; a value
+    from the file is named by the file's path as given."""
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text("optim:\n  lr: 0.5\n")
+    assert _error("params.yaml", ["optim.lr=abc"]) == "--set optim.lr: expected a number, got 'abc'"
+    assert _error(None, ["optim.lr=abc"]) == "--set optim.lr: expected a number, got 'abc'"
+    assert _error("params.yaml", ["optim.lr=-1"]) == (
+        "--set optim.lr: expected a number > 0, got -1.0")
+    Path("params.yaml").write_text("optim:\n  lr: abc\n")
+    assert _error("params.yaml") == "params.yaml: optim.lr: expected a number, got 'abc'"
+    assert _error(tmp_path / "params.yaml") == (
+        f"{tmp_path / 'params.yaml'}: optim.lr: expected a number, got 'abc'")
+    assert load_params("params.yaml", ["optim.lr=0.2"]).optim.lr == 0.2  # the override wins
+    Path("params.yaml").write_text("optim:\n  lr: -1\n")
+    assert _error("params.yaml", ["optim.momentum=0.5"]) == (
+        "params.yaml: optim.lr: expected a number > 0, got -1.0")
+
+
+def test_origin_of_errors_over_several_keys_or_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text("prepare:\n  train_ratio: 0.8\n  bogus: 1\n")
+    assert _error("params.yaml") == (
+        "params.yaml: prepare.bogus: unknown key; expected one of channels, height, "
+        "num_classes, num_images, out_dir, path, seed, skip_corrupt, source, test_ratio, "
+        "train_ratio, val_ratio, width, workers")
+    Path("params.yaml").write_text("prepare:\n  train_ratio: 0.8\n")
+    assert _error("params.yaml", ["prepare.val_ratio=0.3"]) == (
+        "--set prepare.train_ratio+val_ratio+test_ratio: expected a sum of 1, got 1.2")
+    # prepare.path keeps its default: the file is where it is missing.
+    assert _error("params.yaml", ["prepare.source=idx"]) == (
+        "params.yaml: prepare.path: expected the input path for source 'idx', got ''")
+    assert _error("params.yaml", ["prepare.seed"]) == (
+        "--set 'prepare.seed': expected section.key=value")
+
+
+def test_loading_params_does_not_import_torch():
+    """prepare and shard run without torch; the config modules must not pull it in."""
+    code = "import sys, cnnflow.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_section_must_be_a_mapping():

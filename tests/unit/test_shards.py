@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,8 @@ import pytest
 import webdataset as wds
 
 from cnnflow.data import shards
-from cnnflow.data.shards import verify_shards, write_shards
+from cnnflow.data.manifest import verify_shards
+from cnnflow.data.shards import write_shards
 from cnnflow.errors import ShardError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -68,20 +71,47 @@ def test_same_input_gives_byte_identical_shards(prepared, tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
-def test_fast_writer_matches_webdataset_tarwriter_byte_for_byte():
-    header = shards.npy_header((4, 4, 3))
+@pytest.mark.parametrize("count, pixels", [(0, 48), (30, 48), (3, 3 << 20)])
+def test_fast_writer_matches_webdataset_tarwriter_byte_for_byte(count, pixels):
+    # 3 MiB images: the writer's 4 MiB flush falls inside the archive, not only at close
+    header = shards.npy_header((pixels // 3, 1, 3))
     samples = [
-        {"__key__": f"train-{i:08d}", "npy": header + bytes([i]) * 48, "cls": b"%d" % (i * 37)}
-        for i in range(30)
+        {"__key__": f"train-{i:08d}", "npy": header + bytes([i]) * (pixels + i % 5),
+         "cls": b"%d" % (i * 37), "__url__": "ignored"}
+        for i in range(count)
     ]
     fast, plain = io.BytesIO(), io.BytesIO()
-    with shards._writer_class()(fast) as writer:
-        for sample in samples:
-            writer.write(sample)
+    with shards.TarShardWriter(fast) as writer:
+        sizes = [writer.write(sample) for sample in samples]
     with wds.TarWriter(plain, user="", group="", mode=0o644, mtime=0, encoder=False) as writer:
-        for sample in samples:
-            writer.write(sample)
+        assert [writer.write(sample) for sample in samples] == sizes
     assert fast.getvalue() == plain.getvalue()
+
+
+def test_long_member_names_take_tarfiles_ustar_header():
+    key = "d" * 60 + "/" + "k" * 60
+    buf = io.BytesIO()
+    with shards.TarShardWriter(buf) as writer:
+        writer.write({"__key__": key, "cls": b"7"})
+    buf.seek(0)
+    with tarfile.open(fileobj=buf) as tar:
+        assert [(m.name, m.size) for m in tar] == [(f"{key}.cls", 1)]
+
+
+def test_sharding_and_verifying_import_neither_torch_nor_webdataset(prepared, tmp_path):
+    # importing webdataset imports torch (~2 s): the shard stage and `cnnflow verify` must not
+    code = (
+        "import sys\n"
+        "from cnnflow.data.manifest import verify_shards\n"
+        "from cnnflow.data.shards import write_shards\n"
+        "import cnnflow.stages\n"
+        f"write_shards({str(prepared)!r}, {str(tmp_path / 'out')!r}, samples_per_shard=20, "
+        "workers=1, show_progress=False)\n"
+        f"verify_shards({str(tmp_path / 'out')!r})\n"
+        "print(sorted({'torch', 'webdataset'} & set(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_verify_passes_on_good_shards(written):

@@ -107,25 +107,25 @@ def test_bad_launch_environment_names_the_variable(monkeypatch):
 
 def test_resume_is_refused_when_the_training_trajectory_changed(tmp_path):
     from cnnflow.config import load_params
-    from cnnflow.train.checkpoint import (
-        CheckpointMismatchError,
-        check_compatible,
-        trajectory_config,
-    )
+    from cnnflow.errors import CheckpointMismatchError
+    from cnnflow.train.checkpoint import check_compatible, trajectory_config
+
+    def trajectory(p):
+        return trajectory_config(optim=p.optim, train=p.train, parallel=p.parallel)
 
     old = load_params(None, ["optim.lr=0.1"])
     payload = {"model_config": {"name": "small_cnn"}, "dataset_version": "v",
-               "trajectory": trajectory_config(old)}
+               "trajectory": trajectory(old)}
     path = tmp_path / "step-00000010.pt"
     same_but_paths = load_params(None, ["optim.lr=0.1", "train.out_dir=elsewhere",
                                         "train.threads=1", "parallel.fsdp=2"])
     check_compatible(payload, {"name": "small_cnn"}, "v", path,
-                     trajectory_config(same_but_paths))
+                     trajectory(same_but_paths))
     with pytest.raises(CheckpointMismatchError,
                        match=r"other training settings \(optim\.lr 0\.1 -> 0\.05\); "
                              r"set checkpoint\.fresh=true"):
         check_compatible(payload, {"name": "small_cnn"}, "v", path,
-                         trajectory_config(load_params(None, ["optim.lr=0.05"])))
+                         trajectory(load_params(None, ["optim.lr=0.05"])))
 
 
 @pytest.mark.parametrize("shape", [(16, 1, 8, 8), (8, 3, 32, 32)])

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cnnflow.data.shards import load_manifest, resolve_shard_dir, scan_tar, verify_shards
+from cnnflow.data.manifest import load_manifest, resolve_shard_dir, scan_tar, verify_shards
 from cnnflow.errors import ShardError
 
 _PEEK = 256  # bytes of each member read while indexing: the .npy header and the label

@@ -23,8 +23,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ import numpy as np
 from cnnflow.config import PrepareConfig
 from cnnflow.data.sources import SourceData, open_source
 from cnnflow.errors import ConfigError, DataError
+from cnnflow.fileio import atomic_dir, write_json
 from cnnflow.progress import progress
 
 log = logging.getLogger("cnnflow")
@@ -50,24 +49,17 @@ STATS_ROWS = 16384
 def prepare(cfg: PrepareConfig, *, show_progress: bool | None = None) -> dict[str, Any]:
     """Write the prepared data set to `cfg.out_dir` and return its dataset.json content.
 
-    Everything is written to a sibling `<out_dir>.tmp-<random>` first and renamed into
-    place at the end; on any error the temporary directory is removed and an existing
-    `out_dir` is left as it was.
+    Everything is written to a hidden sibling `.<out_dir>.tmp-<pid>-<random>` first and
+    renamed into place at the end; on any error the temporary directory is removed and an
+    existing `out_dir` is left as it was.
     """
     if cfg.seed < 0:
         raise ConfigError(f"prepare.seed: expected an int >= 0, got {cfg.seed}")
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: prepare.out_dir exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         meta = _write_dataset(cfg, tmp, show_progress)
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     counts = ", ".join(f"{s} {meta['splits'][s]['count']}" for s in SPLITS)
     log.info("prepared %s (%s) -> %s, version %s", cfg.source, counts, out, meta["version"][:12])
     return meta
@@ -185,9 +177,7 @@ def _write_dataset(cfg: PrepareConfig, tmp: Path, show_progress: bool | None) ->
         "normalize": digests["train"][1],
         **data.extra,
     }
-    (tmp / "dataset.json").write_text(
-        json.dumps(meta, sort_keys=True, indent=2) + "\n", encoding="utf-8"
-    )
+    write_json(tmp / "dataset.json", meta)
     return meta
 
 
@@ -226,21 +216,6 @@ def _write_images(
         split: (digests[s], stats.normalize() if split == "train" else None)
         for s, split in enumerate(SPLITS)
     }
-
-
-def _swap_in(new: Path, out: Path) -> None:
-    """Replace `out` by `new`: old out of the way, new in, old deleted."""
-    if not out.exists():
-        os.rename(new, out)
-        return
-    old = out.parent / f"{out.name}.old-{secrets.token_hex(4)}"
-    os.rename(out, old)
-    try:
-        os.rename(new, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------- version

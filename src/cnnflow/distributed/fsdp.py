@@ -8,9 +8,14 @@ parameters are alive at a time beside this rank's 1/fsdp shard of everything.
 On a 1-D mesh ("fsdp") the parameters are sharded over all ranks; on a 2-D mesh
 ("dp", "fsdp") they are sharded inside each replica and gradients are all-reduced across
 replicas (HSDP). Both run on gloo (CPU) and nccl.
+
+`FullyShard` is the strategy the trainer drives for fsdp > 1 (see
+`cnnflow.distributed.parallelize`); checkpoints are DCP directories (`Sharded`).
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -18,6 +23,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from cnnflow.config import ParallelConfig, TrainConfig
+from cnnflow.distributed.env import DistEnv
+from cnnflow.distributed.mesh import Degrees
+from cnnflow.distributed.strategy import Sharded
 from cnnflow.models import pipeline_blocks
 
 
@@ -48,3 +57,45 @@ def state_bytes(params, optimizer: torch.optim.Optimizer | None = None) -> dict[
                 if isinstance(value, torch.Tensor) and value.dim() > 0:
                     out["optimizer"] += local_numel(value) * value.element_size()
     return out
+
+
+class FullyShard(Sharded):
+    """FSDP (1-D mesh) or HSDP (2-D mesh: replicate over dp, shard over fsdp)."""
+
+    def __init__(self, model: nn.Module, env: DistEnv, degrees: Degrees, mesh: DeviceMesh, *,
+                 parallel: ParallelConfig, train: TrainConfig, label_smoothing: float = 0.0):
+        super().__init__(model, env, degrees, parallel=parallel, train=train,
+                         label_smoothing=label_smoothing)
+        sub = mesh["dp", "fsdp"] if degrees.dp > 1 else mesh["fsdp"]
+        self.model = apply_fsdp(model, sub)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model if not hasattr(self.model, "_orig_mod") else self.model._orig_mod
+
+    def finish(self) -> None:
+        if self.tc.compile:
+            self.model = torch.compile(self.model)
+
+    def _no_sync(self, skip: bool):
+        # grad_accum: accumulate unsharded gradients locally, reduce-scatter on the last
+        self.module.set_requires_gradient_sync(not skip)
+        return nullcontext()
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def full_state_dict(self):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        full = get_model_state_dict(self.module, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))  # collective; rank 0 gets it all
+        return full if self.env.is_main else None
+
+    def describe(self) -> dict:
+        c = self.degrees.coords
+        return {"holds": f"shard {c['fsdp'] + 1}/{self.degrees.fsdp} of every block",
+                "params": sum(local_numel(p) for p in self.module.parameters())}

@@ -10,10 +10,14 @@ state dicts merge into the single-device model's.
 Loss scaling: every micro-batch's loss is its mean cross-entropy / (M x grad_accum) and
 the schedule does not rescale (`scale_grads=False`), so the gradients summed over the
 micro-batches are those of the replica batch's mean loss, as in one process.
+
+`PipelineParallel` is the strategy the trainer drives for pp > 1 (replicas over dp: one
+flat gradient all-reduce per step); checkpoints are DCP directories (`Sharded`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -28,9 +32,13 @@ from torch.distributed.pipelining import (
 )
 from torch.utils.flop_counter import FlopCounterMode
 
-from cnnflow.config import ParallelConfig
+from cnnflow.config import ParallelConfig, TrainConfig
+from cnnflow.distributed.compute import autocast
+from cnnflow.distributed.env import DistEnv
+from cnnflow.distributed.mesh import Degrees
+from cnnflow.distributed.strategy import Sharded
 from cnnflow.errors import ConfigError
-from cnnflow.models import blocks_module, pipeline_blocks
+from cnnflow.models import BlockSubset, blocks_module, count_parameters, pipeline_blocks
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]  # activations sent in forward()
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
@@ -208,3 +216,117 @@ class Pipeline:
                 dist.send(meta, dst=self._peer(i + 1), group=self.group)
                 dist.send(x.contiguous(), dst=self._peer(i + 1), group=self.group)
         return x if self.last else None
+
+
+class PipelineParallel(Sharded):
+    """Pipeline stages on the "pp" mesh dimension, replicas on "dp"."""
+
+    def __init__(self, model: nn.Module, env: DistEnv, degrees: Degrees, mesh, *,
+                 parallel: ParallelConfig, train: TrainConfig, label_smoothing: float = 0.0,
+                 in_shape: tuple[int, int, int]):
+        super().__init__(model, env, degrees, parallel=parallel, train=train,
+                         label_smoothing=label_smoothing)
+        pc, tc = parallel, train
+        if tc.compile:
+            raise ConfigError("train.compile=true: not supported with parallel.pp > 1; "
+                              "expected false")
+        parts = partition(model, pc.stages, split_points=pc.split_points, by=pc.pp_balance,
+                          in_shape=in_shape)
+        m = microbatch_count(pc, tc.batch_size, tc.grad_accum, degrees.dp)
+        self.dp_group = mesh["dp"].get_group()
+        try:
+            self.pipe = Pipeline(model, parts, pp_rank=degrees.coords["pp"], pp=degrees.pp,
+                                 group=mesh["pp"].get_group(), device=env.device,
+                                 schedule=pc.pp_schedule, microbatches=m,
+                                 grad_accum=tc.grad_accum, label_smoothing=label_smoothing)
+        except ValueError as exc:  # the schedule's own micro-batch rules
+            raise ConfigError(f"parallel.microbatches={m} with parallel.pp_schedule="
+                              f"{pc.pp_schedule!r}: {' '.join(str(exc).split())}") from None
+        names = [n for i in self.pipe.indices for n in parts[i]]
+        self.holder = BlockSubset(model, names)  # this rank's blocks, full-model names
+        self.microbatches = m
+
+    @property
+    def loss_ranks(self) -> int:
+        return self.degrees.dp  # only the last stage of each replica computes a loss
+
+    @property
+    def module(self) -> nn.Module:
+        return self.holder
+
+    def finish(self) -> None:
+        pass
+
+    def train_step(self, micro, step):
+        tc, device = self.tc, self.env.device
+        step_loss, correct, count = 0.0, 0, 0
+        for x, y in micro:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if tc.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(tc.precision, device):
+                loss, logits = self.pipe.step(x, y)
+            step_loss += loss
+            if logits is not None:
+                correct += int((logits.argmax(1) == y).sum().item())
+                count += y.numel()
+        if self.degrees.dp > 1:
+            self._allreduce_grads()
+        return step_loss, correct, count
+
+    def _allreduce_grads(self) -> None:
+        """Average gradients over the replicas: one flat all-reduce on the dp group."""
+        start = time.perf_counter()
+        grads = [p.grad for p in self.holder.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.dp_group)
+        flat.div_(self.degrees.dp)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        self.comm.seconds += time.perf_counter() - start
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    @torch.no_grad()
+    def evaluate(self, batches) -> dict[str, float]:
+        device, precision = self.env.device, self.tc.precision
+        for m in self.pipe.modules:
+            m.eval()
+        sums = torch.zeros(3, dtype=torch.float64)
+        for images, labels in batches:
+            with autocast(precision, device):
+                logits = self.pipe.forward(images.to(device) if self.pipe.first else None)
+            if logits is not None:
+                labels = labels.to(device)
+                sums[0] += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+                sums[1] += (logits.argmax(1) == labels).sum().item()
+                sums[2] += labels.numel()
+        for m in self.pipe.modules:
+            m.train()
+        dist.all_reduce(sums)
+        count = max(1.0, sums[2].item())
+        return {"loss": sums[0].item() / count, "accuracy": sums[1].item() / count,
+                "count": sums[2].item()}
+
+    def full_state_dict(self):
+        mine = {k: v.detach().cpu() for k, v in self.holder.state_dict().items()}
+        if self.degrees.coords["dp"] != 0:
+            mine = {}  # replica 0's stages are the model (BatchNorm stats may differ)
+        parts = [None] * self.env.world_size if self.env.is_main else None
+        dist.gather_object(mine, parts, dst=0)
+        if not self.env.is_main:
+            return None
+        full: dict[str, torch.Tensor] = {}
+        for part in parts:
+            full.update(part)
+        return full
+
+    def describe(self) -> dict:
+        pc = self.pc
+        stages = [f"stage {i}: {self.pipe.parts[i][0]}..{self.pipe.parts[i][-1]}"
+                  for i in self.pipe.indices]
+        return {"holds": "; ".join(stages), "params": count_parameters(self.holder),
+                "bubble": bubble_fraction(pc.stages, self.microbatches, pc.stages_per_rank)}

@@ -7,12 +7,18 @@ mean what they mean for the CLI and `dvc repro`; exports KFP_RUN_ID and CNNFLOW_
 and finds the pipeline's MLflow parent run by the KFP run id (creating it in the first
 step). The stage function then opens its child run under that parent.
 
+Each step runs in a fresh process (a pod, or a kfp.local task process) and imports only
+what it uses: prepare, shard and finish never import torch; mlflow is imported once, by
+`enter`, and only when tracking is on. Its first own line, `step NAME: started ...`,
+gives the process's cold start: the seconds from process start to the step's work
+(`bench/steps.py` compares it with the bare import time of the step's libraries).
+
 Data never travels through the component's own filesystem: the output artifacts hold the
 paths on shared storage and metadata (dataset version, counts, model URI) plus small
 files (dataset.json, manifest.json, the model's model.json/mlflow.json, the report).
 Artifacts are duck-typed (`.path`, `.metadata`), so tests can pass simple objects.
-Under `cnnflow pipeline run` each step function runs in a child of the warm step host
-(`cnnflow.kfp.host`, `@hosted`), with the component's streams, environment and directory.
+A user mistake (a CnnflowError) is printed as one line, `cnnflow: error: step NAME
+failed: ...`, before it fails the task: `cnnflow pipeline run` shows that line.
 """
 
 from __future__ import annotations
@@ -22,41 +28,51 @@ import functools
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from cnnflow.config import Params, to_dict
+from cnnflow.config import Params
 from cnnflow.errors import CnnflowError
-from cnnflow.kfp.host import hosted
 from cnnflow.kfp.params import decode
+from cnnflow.tracking.mlflow_tracker import DEFAULT_TRACKING_URI, PARENT_ENV
 
-PARENT_ENV = "CNNFLOW_PARENT_RUN_ID"
-ERROR_ENV = "CNNFLOW_STEP_ERRORS"
-"""A file that `cnnflow pipeline run` names: each failing step appends its one-line error,
-which the run's own error then repeats (kfp.local only reports which task failed)."""
-DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
+ERROR_PREFIX = "cnnflow: error: "
 
 
 def _step(fn):
-    """A step function: run in the step host when there is one (`hosted`); a CnnflowError's
-    line is also appended to $CNNFLOW_STEP_ERRORS when that names a file."""
-    run = hosted(fn)
+    """A step function: a CnnflowError is also printed as the step's one-line error."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return run(*args, **kwargs)
+            return fn(*args, **kwargs)
         except CnnflowError as exc:
-            if os.environ.get(ERROR_ENV):
-                with open(os.environ[ERROR_ENV], "a", encoding="utf-8") as fh:
-                    fh.write(f"step {fn.__name__.removesuffix('_step')} failed: {exc}\n")
+            name = fn.__name__.removesuffix("_step")
+            print(f"{ERROR_PREFIX}step {name} failed: {exc}", file=sys.stderr, flush=True)
             raise
 
-    wrapper.local = fn  # type: ignore[attr-defined]
     return wrapper
+
+
+def cold_start_s() -> float:
+    """Seconds since this process started (the OS's start time, so imports count)."""
+    import psutil
+
+    return max(0.0, time.time() - psutil.Process().create_time())
+
+
+# The heavy libraries a step may have loaded by its first line (what `bench/steps.py`
+# times as the step's bare imports)
+LIBRARIES = ("kfp", "mlflow", "numpy", "torch", "webdataset", "sklearn", "matplotlib",
+             "kubernetes", "kubeflow")
+
+
+def _started(step: str) -> None:
+    loaded = ",".join(m for m in LIBRARIES if m in sys.modules)
+    print(f"step {step}: started, cold start {cold_start_s():.2f} s, loaded {loaded}",
+          flush=True)
 
 
 def _resolved(value: str) -> str:
@@ -104,7 +120,7 @@ def enter(params_text: str, *, workspace: str, kfp_run_id: str = "",
     os.environ["MLFLOW_TRACKING_URI"] = uri
     params = dataclasses.replace(params, tracking=dataclasses.replace(tc, uri=uri))
     start_parent_run(experiment=tc.experiment, runner=runner, pipeline_key=key or None,
-                     run_name=f"{runner}-{key}" if key else None, tracking_uri=uri,
+                     tracking_uri=uri,
                      offline=tc.offline, timeout_s=tc.check_timeout_s)
     return params
 
@@ -125,13 +141,18 @@ def _replace(params: Params, section: str, **changes: Any) -> Params:
         getattr(params, section), **changes)})
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 @_step
 def prepare_step(params_text: str, *, workspace: str, kfp_run_id: str = "",
                  dataset: Any) -> dict[str, Any]:
     """`run_prepare` into <workspace>/<prepare.out_dir>; `dataset` = its path + dataset.json."""
+    params = enter(params_text, workspace=workspace, kfp_run_id=kfp_run_id)
     from cnnflow.stages import run_prepare
 
-    params = enter(params_text, workspace=workspace, kfp_run_id=kfp_run_id)
+    _started("prepare")
     meta = run_prepare(params)
     out = Path(params.prepare.out_dir).resolve()
     _copy(out / "dataset.json", dataset)
@@ -146,9 +167,10 @@ def prepare_step(params_text: str, *, workspace: str, kfp_run_id: str = "",
 def shard_step(params_text: str, *, workspace: str, kfp_run_id: str = "",
                prepared: Any, shards: Any) -> dict[str, Any]:
     """`run_shard` of the prepared data at `prepared`'s path; `shards` = path + manifest."""
+    params = enter(params_text, workspace=workspace, kfp_run_id=kfp_run_id)
     from cnnflow.stages import run_shard
 
-    params = enter(params_text, workspace=workspace, kfp_run_id=kfp_run_id)
+    _started("shard")
     params = _replace(params, "prepare", out_dir=prepared.metadata["path"])
     manifest = run_shard(params)
     out = Path(params.shard.out_dir).resolve()
@@ -161,15 +183,6 @@ def shard_step(params_text: str, *, workspace: str, kfp_run_id: str = "",
     return manifest
 
 
-def _as_mounted(path: str, workspace: Path, mount_path: str) -> str:
-    """`path` as the training pods see it: under the claim's mount path."""
-    try:
-        rel = Path(path).resolve().relative_to(workspace)
-    except ValueError:
-        return path  # outside the workspace: only the local backend can reach it
-    return f"{mount_path.rstrip('/')}/{rel.as_posix()}"
-
-
 @_step
 def train_step(params_text: str, *, workspace: str, kfp_run_id: str,
                shards: Any, model: Any) -> dict[str, Any]:
@@ -179,43 +192,28 @@ def train_step(params_text: str, *, workspace: str, kfp_run_id: str,
     The job name derives from the KFP run id, so a retried step resumes the same job's
     checkpoints under <mount_path>/runs/<job>/.
     """
-    from cnnflow.launch import launch_training, local_mounts
-
     params = enter(params_text, workspace=workspace, kfp_run_id=kfp_run_id)
-    ws = Path.cwd()
-    lc = params.launch
-    changes: dict[str, Any] = {}
-    if not lc.dataset_uri:
-        changes["dataset_uri"] = _as_mounted(shards.metadata["path"], ws, lc.mount_path)
-    if lc.backend == "local":
-        # the pods are processes here: they log where this component does
-        changes["tracking_uri"] = params.tracking.uri if params.tracking.enabled else ""
-        mounts = local_mounts(lc, cwd=str(ws))
-    else:
-        mounts = None
-    params = _replace(params, "launch", **changes)
-    text = yaml.safe_dump(to_dict(params), sort_keys=False)
+    from cnnflow.launch import launch_training
+
+    _started("train")
     start = time.monotonic()
-    result = launch_training(params.launch, params_yaml=text, run_id=_resolved(kfp_run_id),
-                             parent_run_id=os.environ.get(PARENT_ENV, ""), mounts=mounts,
+    result = launch_training(params, shards=shards.metadata["path"], workspace=Path.cwd(),
+                             run_id=_resolved(kfp_run_id),
+                             parent_run_id=os.environ.get(PARENT_ENV, ""),
                              echo=lambda line: print(line, flush=True))
     job_s = time.monotonic() - start
     out = Path(result.out_dir)
-    if not out.is_absolute():
-        out = (ws / out).resolve()
-    record = json.loads((out / "mlflow.json").read_text()) if (out / "mlflow.json").is_file() \
-        else {}
-    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() \
-        else {}
+    record, summary = _read_json(out / "mlflow.json"), _read_json(out / "summary.json")
     for name in ("model.json", "mlflow.json", "summary.json"):
         _copy(out / name, model)
-    history = summary.get("history") or [{}]
+    last = (summary.get("history") or [{}])[-1]
     model.metadata.update({
         "path": str(out), "job": result.name, "backend": result.backend,
         "checkpoint_dir": result.checkpoint_dir, "job_s": round(job_s, 3),
         "model_uri": record.get("model_uri") or "", "train_run_id": record.get("run_id") or "",
         "dataset_version": summary.get("dataset_version", shards.metadata.get("dataset_version")),
-        "val_accuracy": history[-1].get("val_accuracy"),
+        "val_accuracy": last.get("val_accuracy"), "samples_per_s": last.get("samples_per_s"),
+        "steps": summary.get("steps"),
     })
     print(f"PyTorchJob {result.name} ({result.backend}) succeeded in {job_s:.1f} s -> {out}")
     return dict(model.metadata)
@@ -250,10 +248,12 @@ def evaluate_step(params_text: str, *, workspace: str, kfp_run_id: str,
                   shards: Any, model: Any, metrics: Any, report: Any) -> str:
     """`run_evaluate` of `model` on `shards`: score, register @challenger, promotion gate.
     Returns (and prints) the champion decision; `metrics` gets the scalar test metrics,
-    `report` the Markdown report for the KFP UI."""
+    `report` the Markdown report for the KFP UI and, as metadata, the decision and the
+    registered version."""
+    params = enter(params_text, workspace=workspace, kfp_run_id=kfp_run_id)
     from cnnflow.stages import run_evaluate
 
-    params = enter(params_text, workspace=workspace, kfp_run_id=kfp_run_id)
+    _started("evaluate")
     path = model.metadata["path"]
     params = _replace(params, "train", shards=shards.metadata["path"], out_dir=path)
     result = run_evaluate(params, path)
@@ -265,6 +265,14 @@ def evaluate_step(params_text: str, *, workspace: str, kfp_run_id: str,
     promo = result.get("promotion")
     decision = promo["decision"] if promo else "none"
     reason = promo["reason"] if promo else "no promotion gate ran"
+    reg = result.get("registered") or {}
+    report.metadata.update({"decision": decision, "reason": reason,
+                            "model_name": reg.get("name", ""),
+                            "model_version": str(reg.get("version", "")),
+                            "reports": str(Path(params.evaluate.out_dir).resolve()),
+                            "mlflow_parent_run_id": os.environ.get(PARENT_ENV, ""),
+                            "tracking_uri": params.tracking.uri,
+                            "experiment": params.tracking.experiment})
     print(f"champion decision: {decision} ({reason})", flush=True)
     return decision
 
@@ -275,15 +283,15 @@ def finish_step(params_text: str, *, workspace: str, kfp_run_id: str,
     """Close the pipeline's parent run: FINISHED when the pipeline succeeded, else FAILED
     (the exit handler runs after success and failure alike)."""
     params = enter(params_text, workspace=workspace, kfp_run_id=kfp_run_id)
+    _started("finish")
     status = "FINISHED" if state.upper() == "SUCCEEDED" else "FAILED"
     if params.tracking.enabled:
-        from mlflow import MlflowClient
+        from cnnflow.tracking.mlflow_tracker import end_parent_run
 
         parent = os.environ[PARENT_ENV]
-        client = MlflowClient(tracking_uri=params.tracking.uri)
-        client.set_tag(parent, "cnnflow.pipeline_state", state)
+        tags = {"cnnflow.pipeline_state": state}
         if error:
-            client.set_tag(parent, "cnnflow.pipeline_error", error[:500])
-        client.set_terminated(parent, status)
+            tags["cnnflow.pipeline_error"] = error[:500]
+        end_parent_run(parent, status, tracking_uri=params.tracking.uri, tags=tags)
         print(f"MLflow parent run {parent}: {status}")
     return status

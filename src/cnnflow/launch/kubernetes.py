@@ -40,8 +40,8 @@ from kubernetes.client.rest import ApiException
 from kubernetes.config.config_exception import ConfigException
 from urllib3.exceptions import HTTPError
 
+from cnnflow.configs.launch import check_image
 from cnnflow.errors import CnnflowError, ConfigError
-from cnnflow.launch.config import check_image
 from cnnflow.launch.pytorchjob import JOB_NAME_LABEL, REPLICA_TYPE_LABEL
 from cnnflow.launch.validate import pod_specs, validate_documents
 

@@ -1,5 +1,10 @@
-"""Experiment tracking behind a small interface; MLflow is one implementation."""
+"""Experiment tracking behind a small interface; MLflow is one implementation.
 
-from cnnflow.tracking.base import NullTracker, Tracker
+base (Tracker, NullTracker, FanOutTracker), files (FileTracker: train.out_dir's files),
+mlflow_tracker (MlflowTracker, runs), lineage (tags), sync (spool upload), server.
+"""
 
-__all__ = ["NullTracker", "Tracker"]
+from cnnflow.tracking.base import FanOutTracker, NullTracker, Tracker
+from cnnflow.tracking.files import FileTracker
+
+__all__ = ["FanOutTracker", "FileTracker", "NullTracker", "Tracker"]

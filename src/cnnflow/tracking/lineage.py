@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 RUNNERS = ("kfp", "kfp-local", "dvc", "cli")
+DATASET_TAG = "cnnflow.dataset_version"
 GIT_TIMEOUT_S = 5.0  # a hung git (network filesystem, lock) must not stall a training start
 
 
@@ -146,7 +147,7 @@ def lineage_tags(
     if kfp_run:
         tags["cnnflow.kfp_run_id"] = kfp_run
     if dataset_version:
-        tags["cnnflow.dataset_version"] = dataset_version
+        tags[DATASET_TAG] = dataset_version
     if world_size is not None:
         tags["cnnflow.world_size"] = str(world_size)
     for name, value in (degrees or {}).items():

@@ -26,6 +26,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,7 @@ def dataset_input(manifest: dict[str, Any], source: str, context: str):
 
 
 class MlflowTracker:
-    """One MLflow run. Implements `Tracker`, plus log_dataset/log_model/log_dict."""
+    """One MLflow run, behind the `Tracker` interface."""
 
     def __init__(self, run_id: str, *, tracking_uri: str, spool_dir: str | Path | None = None,
                  log_system_metrics: bool = False, meta: dict[str, Any] | None = None) -> None:
@@ -232,20 +233,9 @@ class MlflowTracker:
         self._do(lambda: upload(self.client, self.run_id, path, artifact_path), "artifact",
                  path=str(path), artifact_path=artifact_path)
 
-    def log_dict(self, obj: Any, artifact_file: str) -> None:
-        """A JSON artifact (written to a temp dir first, so it can also be spooled)."""
-        import json
-        import posixpath
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / posixpath.basename(artifact_file)
-            path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-            self.log_artifact(path, posixpath.dirname(artifact_file) or None)
-
     def log_dataset(self, shards: str | Path, context: str = "train") -> None:
         """Dataset lineage: the shard set (digest = dataset version) as a run input."""
-        from cnnflow.data.shards import read_manifest
+        from cnnflow.data.manifest import read_manifest
 
         manifest = read_manifest(shards)
         self._do(lambda: self.client.log_inputs(
@@ -253,9 +243,9 @@ class MlflowTracker:
             "dataset", manifest=manifest, source=str(shards), context=context)
 
     def log_model(self, model_dir: str | Path, name: str = "model"):
-        """Log the train output's model (see cnnflow.registry) and model.json; the
+        """Log the train output's model (see cnnflow.tracking.registry) and model.json; the
         ModelInfo, or None when it was spooled."""
-        from cnnflow.registry import log_model
+        from cnnflow.tracking.registry import log_model
 
         result: list = []
         self.log_artifact(Path(model_dir) / "model.json")
@@ -293,6 +283,13 @@ def _prepare(tracking_uri: str | None, offline: bool, timeout_s: float) -> str:
     return uri
 
 
+def parent_name(runner: str, key: str | None = None) -> str:
+    """`<runner>-<YYYYmmdd-HHMM>-<8 chars>`: readable and unique in the MLflow run list;
+    the 8 characters end the pipeline key (a KFP run id) or are random without one."""
+    short = (key or "").rsplit("-", 1)[-1][-8:] or uuid.uuid4().hex[:8]
+    return f"{runner}-{time.strftime('%Y%m%d-%H%M')}-{short}"
+
+
 def start_parent_run(*, experiment: str = "cnnflow", run_name: str | None = None,
                      runner: str | None = None, pipeline_key: str | None = None,
                      tracking_uri: str | None = None, offline: bool = False,
@@ -324,18 +321,22 @@ def start_parent_run(*, experiment: str = "cnnflow", run_name: str | None = None
         tags = {"cnnflow.runner": runner, "cnnflow.role": "pipeline"}
         if key:
             tags[PIPELINE_TAG] = key
-        run = client.create_run(experiment_id, run_name=run_name or f"{runner}-pipeline",
+        run = client.create_run(experiment_id, run_name=run_name or parent_name(runner, key),
                                 tags=tags)
         run_id = run.info.run_id
     os.environ[PARENT_ENV] = run_id
     return run_id
 
 
-def end_parent_run(run_id: str, status: str = "FINISHED", tracking_uri: str | None = None
-                   ) -> None:
+def end_parent_run(run_id: str, status: str = "FINISHED", tracking_uri: str | None = None,
+                   tags: dict[str, str] | None = None) -> None:
+    """Set `tags` on the parent run and close it with `status`."""
     from mlflow import MlflowClient
 
-    MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri)).set_terminated(run_id, status)
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status)
 
 
 def stage_run(stage: str, *, params: dict[str, Any] | None = None,

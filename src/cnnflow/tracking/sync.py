@@ -156,7 +156,7 @@ def sync(spool_dir: str | Path, tracking_uri: str | None = None) -> str:
                                                               event["source"],
                                                               event["context"])])
         elif kind == "model":
-            from cnnflow.registry import log_model
+            from cnnflow.tracking.registry import log_model
 
             log_model(root / event["file"], run_id=run_id, tracking_uri=uri,
                       name=event["name"])

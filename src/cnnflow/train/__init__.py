@@ -1,1 +1,3 @@
-"""Training: the pure step (loop), the wiring (trainer), checkpoints."""
+"""Training: the wiring (trainer), the epoch loop (epochs), its metrics (metrics), the pure
+pieces (loop: augmentation, optimizer, schedule), data streams (data), this run's
+checkpoints (resume) over the checkpoint store (checkpoint), the profiler (profiling)."""

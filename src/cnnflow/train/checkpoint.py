@@ -29,14 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnnflow.errors import CnnflowError
+from cnnflow.config import OptimConfig, ParallelConfig, TrainConfig
+from cnnflow.errors import CheckpointMismatchError, CnnflowError
+from cnnflow.fileio import atomic_write
 
 log = logging.getLogger("cnnflow")
 _NAME = re.compile(r"^step-(\d{8})(\.pt)?$")  # a file, or a DCP directory
-
-
-class CheckpointMismatchError(CnnflowError):
-    """A checkpoint belongs to another model or data set."""
 
 
 @dataclass
@@ -96,26 +94,7 @@ def deferred_sigint() -> Iterator[None]:
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to `path` so that readers see the old file or the whole new one."""
     with deferred_sigint():
-        _atomic_save(obj, path)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+        atomic_write(path, lambda f: torch.save(obj, f))  # temp file, fsync, rename
 
 
 class Checkpointer:
@@ -215,13 +194,15 @@ _TRAJECTORY_KEYS = {
 }
 
 
-def trajectory_config(params: Any) -> dict[str, Any]:
+def trajectory_config(*, optim: OptimConfig, train: TrainConfig, parallel: ParallelConfig
+                      ) -> dict[str, Any]:
     """`section.key -> value` of every setting that shapes the training trajectory."""
     from dataclasses import asdict
 
-    out = {f"optim.{k}": v for k, v in asdict(params.optim).items()}
+    out = {f"optim.{k}": v for k, v in asdict(optim).items()}
+    sections = {"train": train, "parallel": parallel}
     for section, keys in _TRAJECTORY_KEYS.items():
-        values = asdict(getattr(params, section))
+        values = asdict(sections[section])
         out.update({f"{section}.{k}": values[k] for k in keys})
     return out
 

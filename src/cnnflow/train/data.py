@@ -5,17 +5,23 @@ stream v is the shard loader of "virtual rank" v of `streams`. A rank owns
 streams / world_size of them. So with streams = 4 the global batches, and therefore the
 losses, are the same whether 1, 2 or 4 processes train (world-size invariance), and each
 rank still reads only its own streams' shards.
+
+`open_shards` reads the shard set's manifest once (`ShardSet`: version, normalisation,
+image shape, classes, val batches); `train_streams` builds a rank's `StreamBatches`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from cnnflow.config import TrainConfig
 from cnnflow.data.loader import build_loader, normalize_batch
-from cnnflow.errors import ConfigError
+from cnnflow.errors import CnnflowError, ConfigError
 from cnnflow.train.loop import augment
 
 
@@ -96,3 +102,74 @@ def eval_batches(shards: str, split: str, *, batch_size: int, rank: int, world_s
                           expected_version=expected_version, verify=False)
     for images, labels in loader:
         yield normalize_batch(images, mean, std), labels
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The shard directory a run trains on and its manifest."""
+
+    path: str
+    manifest: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["dataset_version"]
+
+    @property
+    def norm(self) -> dict[str, list[float]]:
+        return self.manifest["normalize"]
+
+    @property
+    def in_shape(self) -> tuple[int, int, int]:
+        return tuple(self.manifest["image_shape"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest["classes"])
+
+    def model_meta(self, model_config: dict) -> dict[str, Any]:
+        """model.json: the model config and what the data looked like to it."""
+        m = self.manifest
+        return {"model": model_config, "dataset_version": m["dataset_version"],
+                "classes": m["classes"], "image_shape": m["image_shape"],
+                "normalize": m["normalize"]}
+
+    def val_batches(self, rank: int, world_size: int):
+        """This data rank's share of the val split, normalised, 256 images a batch."""
+        return eval_batches(self.path, "val", batch_size=256, rank=rank,
+                            world_size=world_size, mean=self.norm["mean"],
+                            std=self.norm["std"], expected_version=self.version)
+
+
+def open_shards(path: str, expected_version: str = "") -> ShardSet:
+    """The shard set at `path`; CnnflowError when `train.dataset_version` is set and the
+    shards hold another version."""
+    from cnnflow.data.manifest import read_manifest
+
+    shards = ShardSet(path, read_manifest(path))
+    if expected_version and expected_version != shards.version:
+        raise CnnflowError(
+            f"train.dataset_version={expected_version[:12]}: the shards in {path} hold "
+            f"dataset version {shards.version[:12]}; re-run prepare and shard, or change the "
+            "setting"
+        )
+    return shards
+
+
+def train_streams(shards: ShardSet, tc: TrainConfig, *, rank: int, world_size: int
+                  ) -> StreamBatches:
+    """Data rank `rank` of `world_size`'s training micro-batches; CnnflowError when an
+    epoch would hold no step."""
+    norm = shards.norm
+    data = StreamBatches(
+        shards.path, global_batch=tc.batch_size, grad_accum=tc.grad_accum, rank=rank,
+        world_size=world_size, streams=tc.streams, seed=tc.seed,
+        num_workers=tc.loader_workers, expected_version=shards.version, mean=norm["mean"],
+        std=norm["std"], augment_images=tc.augment, flip=tc.flip,
+    )
+    if data.steps_per_epoch < 1:
+        raise CnnflowError(
+            f"train.batch_size={tc.batch_size}: larger than the {data.loaders[0].samples_per_rank}"
+            f" training samples per stream; lower it or use fewer streams"
+        )
+    return data

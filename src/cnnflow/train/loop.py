@@ -1,18 +1,16 @@
-"""The pieces of a training step: augmentation, learning-rate schedule, step, evaluation.
+"""The pure pieces of training: augmentation, the optimizer, the learning-rate schedule.
 
-Nothing here reads files, logs to a tracker or knows how many processes there are
-beyond an optional all-reduce of sums.
+Nothing here reads files, logs to a tracker or knows how many processes there are. The
+forward/loss/evaluation of a batch is `cnnflow.distributed.compute` (the strategies call
+it); the epoch loop is `cnnflow.train.epochs`.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 from cnnflow.config import OptimConfig
 
@@ -75,40 +73,3 @@ def lr_factor(cfg: OptimConfig, step: int, total_steps: int, steps_per_epoch: in
     if cfg.schedule == "step":
         return cfg.gamma ** (step // (cfg.step_epochs * max(1, steps_per_epoch)))
     return 1.0
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def forward_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                 precision: str, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, logits) of one micro-batch; the loss is the micro-batch mean."""
-    with autocast(precision, images.device):
-        logits = model(images)
-    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-    return loss, logits
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches, device: torch.device, precision: str = "fp32",
-             distributed: bool = False) -> dict[str, float]:
-    """Loss and accuracy over `batches` of (normalised images, labels), summed over ranks."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
-    for images, labels in batches:
-        images, labels = images.to(device), labels.to(device)
-        with autocast(precision, device):
-            logits = model(images)
-        sums[0] += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-        sums[1] += (logits.argmax(1) == labels).sum().item()
-        sums[2] += labels.numel()
-    if distributed:
-        dist.all_reduce(sums)
-    model.train(was_training)
-    count = max(1.0, sums[2].item())
-    return {"loss": sums[0].item() / count, "accuracy": sums[1].item() / count,
-            "count": sums[2].item()}

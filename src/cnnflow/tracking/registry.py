@@ -29,13 +29,13 @@ from torch import nn
 
 from cnnflow.errors import CnnflowError
 from cnnflow.models import model_from_config_dict
+from cnnflow.tracking.lineage import DATASET_TAG
 
 log = logging.getLogger("cnnflow")
 
 MODEL_NAME = "model"  # the logged model's name inside its run
 CHALLENGER, CHAMPION = "challenger", "champion"
 ACCURACY_TAG = "test.accuracy"
-DATASET_TAG = "cnnflow.dataset_version"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 

@@ -1,10 +1,5 @@
-"""The `launch` section of params.yaml: how the train step becomes a PyTorchJob.
-
-Proposed for `cnnflow.config` (as `launch: LaunchConfig` on `Params`); it lives here until
-then so that `cnnflow.launch` can be used and tested on its own. It imports only the
-stdlib and `cnnflow.errors`, so `cnnflow.config` can import it without pulling in the
-Kubernetes clients.
-"""
+"""The `launch` section of params.yaml: how the train step becomes a PyTorchJob
+(owner: `cnnflow.launch`). It imports only the stdlib and `cnnflow.errors`."""
 
 from __future__ import annotations
 

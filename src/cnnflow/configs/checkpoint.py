@@ -1,0 +1,28 @@
+"""The `checkpoint` section of params.yaml, used by `cnnflow.train.checkpoint`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cnnflow.errors import check_config as _check
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Atomic checkpoints and automatic resume."""
+
+    dir: str = "outputs/checkpoints"
+    every_steps: int = 0
+    """Also checkpoint every this many steps (0 = only at each epoch end)."""
+    keep: int = 3
+    """Complete checkpoints to keep (oldest deleted first)."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in `dir` when there is one."""
+    fresh: bool = False
+    """Start from scratch even if `dir` holds a checkpoint of another model or data set
+    (those are refused otherwise). Existing checkpoints are moved aside, not deleted."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 0, "checkpoint.every_steps", "an int >= 0",
+               self.every_steps)
+        _check(self.keep >= 1, "checkpoint.keep", "an int >= 1", self.keep)

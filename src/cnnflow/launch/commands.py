@@ -1,0 +1,60 @@
+"""`cnnflow launch`: what its forms do, so that the CLI only parses arguments.
+
+    cnnflow launch render [--set launch.nodes=2]     # the train step's job, as YAML
+    cnnflow launch train                             # render it, run it with launch.backend
+    cnnflow launch job.yaml --local [--mount /workspace=.]   # any PyTorchJob, here
+    cnnflow launch job.yaml                          # any PyTorchJob, on the cluster
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from cnnflow.config import Params
+from cnnflow.errors import ConfigError
+from cnnflow.launch import launch_training, local_mounts, plan_job
+from cnnflow.tracking.mlflow_tracker import PARENT_ENV
+
+
+def parse_mounts(items: Sequence[str]) -> dict[str, str]:
+    """`--mount mountPath=DIR` pairs; one line naming the item when one has no `=`."""
+    out: dict[str, str] = {}
+    for item in items:
+        path, sep, local = item.partition("=")
+        if not sep or not path.startswith("/") or not local:
+            raise ConfigError(f"--mount {item!r}: expected mountPath=DIR, e.g. "
+                              f"--mount /workspace=.")
+        out[path] = local
+    return out
+
+
+def launch_command(job: str, params: Params, *, local: bool, mounts: Sequence[str],
+                   kubeconfig: str | None, run_id: str) -> str:
+    """Do what `cnnflow launch JOB` asks; return what it prints (or exit with the local
+    job's exit code)."""
+    parent = os.environ.get(PARENT_ENV, "")
+    pairs = parse_mounts(mounts) or local_mounts(params.launch)
+    if job == "render":
+        rendered, _, _ = plan_job(params, run_id=run_id, parent_run_id=parent, mounts=pairs,
+                                  pod_view=True)
+        return rendered.to_yaml()
+    if job == "train":
+        api = None
+        if params.launch.backend == "kubernetes":
+            from cnnflow.launch.kubernetes import api_client
+
+            api = api_client(kubeconfig)
+        result = launch_training(params, run_id=run_id, parent_run_id=parent, api=api,
+                                 mounts=pairs)
+        return f"PyTorchJob {result.name} succeeded -> {result.out_dir}\n"
+    if local:
+        from cnnflow.launch.local import run_local
+
+        raise SystemExit(run_local(job, mounts=pairs))
+    from cnnflow.launch.kubernetes import api_client, launch_job
+    from cnnflow.launch.validate import load_documents
+
+    outcome = launch_job(load_documents(job), api=api_client(kubeconfig),
+                         keep=params.launch.keep_job)
+    return f"PyTorchJob {outcome.namespace}/{outcome.name} succeeded\n"
