@@ -32,8 +32,15 @@ RUN pip install .
 
 FROM ${PYTHON_IMAGE}
 ARG VARIANT=cpu
+# The checkout the image is built from (pods have no .git): --build-arg
+# GIT_COMMIT=$(git rev-parse HEAD) --build-arg GIT_DIRTY=$(test -z "$(git status
+# --porcelain --untracked-files=no)" && echo false || echo true). Every run tags it.
+ARG GIT_COMMIT=""
+ARG GIT_DIRTY=unknown
 LABEL org.opencontainers.image.title="cnnflow" \
-      org.opencontainers.image.description="cnnflow training image (${VARIANT})"
+      org.opencontainers.image.description="cnnflow training image (${VARIANT})" \
+      org.opencontainers.image.revision="${GIT_COMMIT}"
+ENV CNNFLOW_GIT_COMMIT=${GIT_COMMIT} CNNFLOW_GIT_DIRTY=${GIT_DIRTY}
 RUN groupadd --gid 1000 cnnflow \
  && useradd --uid 1000 --gid 1000 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin cnnflow
 COPY --from=build /opt/venv /opt/venv

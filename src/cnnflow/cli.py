@@ -186,9 +186,9 @@ def register(
     p = _params(params, set_)
     values = {}
     if metrics is not None:
-        if not metrics.is_file():
-            raise CnnflowError(f"{metrics}: metrics file not found")
-        values = json.loads(metrics.read_text())
+        from cnnflow.evaluate import read_metrics_file
+
+        values = read_metrics_file(metrics)
     r = registry.register(model, name or p.tracking.model_name, metrics=values, alias=alias,
                           tracking_uri=p.tracking.uri or None)
     typer.echo(f"registered {r['name']} version {r['version']} as @{r['alias']}")
@@ -210,6 +210,21 @@ def promote(
                      margin=p.evaluate.margin,
                      promote_across_datasets=p.evaluate.promote_across_datasets,
                      tracking_uri=p.tracking.uri or None)
+
+
+@app.command()
+def lineage(
+    model: Annotated[str, typer.Argument(help="models:/<name>@<alias> or models:/<name>/<n>.")],
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Where a registered version came from: code, data, runner, scale, runs, and the
+    command that reruns it."""
+    from cnnflow.tracking.provenance import lineage_lines, model_lineage
+
+    p = _params(params, set_)
+    for line in lineage_lines(model_lineage(model, p.tracking.uri or None)):
+        typer.echo(line)
 
 
 tracking_app = typer.Typer(help="MLflow tracking utilities.", no_args_is_help=True)

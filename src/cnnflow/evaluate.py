@@ -7,8 +7,9 @@
 
 Writes (DVC reads `metrics.json` as a metric and the CSVs as plots):
 
-    reports/metrics.json                  accuracy, top_k_accuracy, macro_f1, weighted_f1,
-                                          ece, n, k, dataset versions
+    reports/metrics.json                  test.accuracy, test.top_k_accuracy, test.macro_f1,
+                                          test.weighted_f1, test.ece, test.n, test.k
+    reports/evaluation.json               the model and the dataset versions it was scored on
     reports/per_class.json                precision, recall, F1, support per class
     reports/plots/confusion_matrix.png    counts, rows = actual class
     reports/plots/confusion_matrix.json   {"classes": [...], "matrix": [[...]]}
@@ -16,6 +17,7 @@ Writes (DVC reads `metrics.json` as a metric and the CSVs as plots):
     reports/plots/calibration.csv         bin,confidence,accuracy,count (15 bins)
     reports/plots/reliability.png         reliability diagram with the ECE
     reports/plots/misclassified.png       a grid of wrong predictions, true -> predicted
+    reports/plots/training.csv, training_curves.png   loss and accuracy per epoch (stages)
 
 The model comes from a train output dir (model.pt + model.json) or an MLflow URI
 (`models:/name@alias`, `models:/name/3`, `runs:/<id>/model`); both are scored through
@@ -144,6 +146,31 @@ def compute_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str], t
     }
 
 
+# ---------------------------------------------------------------------------- files
+SCALARS = ("accuracy", "top_k_accuracy", "macro_f1", "weighted_f1", "ece", "n", "k")
+PROVENANCE = ("dataset_version", "model_dataset_version", "model")
+
+
+def metrics_file(metrics: dict[str, Any]) -> dict[str, float | int]:
+    """metrics.json, the DVC metric: numbers only, flat `test.<name>` keys (what every
+    `dvc exp show` column and `dvc metrics diff` row is named)."""
+    return {f"test.{k}": metrics[k] for k in SCALARS}
+
+
+def read_metrics_file(path: Path) -> dict[str, float]:
+    """{name: value} of a metrics.json written by `metrics_file` (`test.` dropped)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CnnflowError(f"{path}: not a metrics file of `cnnflow evaluate` ({exc})") from None
+    if not isinstance(data, dict) or "test.accuracy" not in data:
+        raise CnnflowError(f"{path}: expected the `test.accuracy` key of `cnnflow evaluate`'s "
+                           f"metrics.json")
+    return {k.removeprefix("test."): v for k, v in data.items()}
+
+
 # ---------------------------------------------------------------------------- plots
 # matplotlib.figure.Figure draws with the Agg canvas and touches no pyplot global state.
 
@@ -185,6 +212,26 @@ def plot_reliability(bins: list[dict[str, float]], ece: float, path: Path) -> No
     fig.savefig(path, dpi=100)
 
 
+def plot_training(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Training curves per epoch: train and val loss, train and val accuracy."""
+    from matplotlib.figure import Figure
+
+    epochs = [r["epoch"] for r in rows]
+    fig = Figure(figsize=(9, 3.6))
+    loss, acc = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    loss.plot(epochs, [r["loss"] for r in rows], label="train")
+    loss.plot(epochs, [r["val_loss"] for r in rows], label="val")
+    loss.set(xlabel="epoch", ylabel="cross-entropy (nats)", title="loss")
+    acc.plot(epochs, [r["train_accuracy"] for r in rows], label="train")
+    acc.plot(epochs, [r["val_accuracy"] for r in rows], label="val")
+    acc.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1), title="accuracy")
+    for ax in (loss, acc):
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def plot_misclassified(wrong: list, classes: list[str], path: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -220,9 +267,8 @@ def write_reports(out: Path, metrics: dict[str, Any], probs: np.ndarray, labels:
              "calibration_csv": plots / "calibration.csv",
              "reliability_png": plots / "reliability.png",
              "misclassified_png": plots / "misclassified.png"}
-    flat = {k: v for k, v in metrics.items()
-            if k not in ("per_class", "confusion_matrix", "calibration")}
-    _write_json(paths["metrics"], flat)
+    _write_json(paths["metrics"], metrics_file(metrics))
+    _write_json(out / "evaluation.json", {k: metrics[k] for k in PROVENANCE})
     _write_json(paths["per_class"], metrics["per_class"])
     _write_json(paths["confusion_json"], {"classes": classes,
                                           "matrix": metrics["confusion_matrix"]})
@@ -273,11 +319,11 @@ def evaluate(model: str | Path, shards: str | Path, out_dir: str | Path = "repor
 
 def _log(tracker: Any, metrics: dict[str, Any], paths: dict[str, Path], shards) -> None:
     keys = ("accuracy", "top_k_accuracy", "macro_f1", "weighted_f1", "ece")
-    values = {f"test_{k}": metrics[k] for k in keys}
+    values = {f"test/{k}": metrics[k] for k in keys}
     for cls, row in metrics["per_class"].items():
         name = re.sub(r"[^\w\-. /]", "_", cls)  # MLflow's metric-name alphabet
-        values.update({f"test_f1.{name}": row["f1"], f"test_recall.{name}": row["recall"],
-                       f"test_precision.{name}": row["precision"]})
+        values.update({f"test/f1.{name}": row["f1"], f"test/recall.{name}": row["recall"],
+                       f"test/precision.{name}": row["precision"]})
     tracker.log_metrics(values, step=0)
     tracker.set_tags({DATASET_TAG: metrics["dataset_version"]})
     tracker.log_dataset(shards, context="test")

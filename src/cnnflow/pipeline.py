@@ -39,6 +39,7 @@ from cnnflow.config import Params
 from cnnflow.errors import CnnflowError
 from cnnflow.kfp.params import WORKSPACE, to_arguments
 from cnnflow.kfp.steps import ERROR_PREFIX
+from cnnflow.tracking.lineage import GIT_COMMIT_ENV, GIT_DIRTY_ENV, git_info
 
 log = logging.getLogger("cnnflow")
 
@@ -47,6 +48,7 @@ PIPELINE_ROOT = "outputs/kfp"
 CONNECT_TIMEOUT_S = 5.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 STEPS = ("prepare", "shard", "train", "evaluate", "finish")
+GIT_ENV = (GIT_COMMIT_ENV, GIT_DIRTY_ENV)
 _STARTED = re.compile(r"Executing task '([\w-]+)'")
 _FINISHED = re.compile(r"Task '([\w-]+)' finished with status (\w+)")
 
@@ -132,15 +134,22 @@ class Console(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
-        plain = _ANSI.sub("", text)  # kfp.local colours task names and statuses
-        self.log.write(plain)
         if self.verbose:
             self.terminal.write(text)
-        self._pending += plain
+        self._pending += text
         *lines, self._pending = self._pending.split("\n")
         for line in lines:
-            self._line(line)
+            plain = _ANSI.sub("", line)  # kfp.local colours task names and statuses
+            self.log.write(plain + "\n")
+            self._line(plain)
         return len(text)
+
+    def close_log(self) -> None:
+        """Write what is left of an unfinished last line."""
+        if self._pending:
+            self.log.write(_ANSI.sub("", self._pending))
+            self._pending = ""
+        self.log.flush()
 
     def flush(self) -> None:
         self.log.flush()
@@ -199,8 +208,14 @@ def run_local(params: Params, *, workspace: str | Path = ".",
     # run's MLflow parent by this key instead (the uncached steps also get kfp.local's id)
     key = f"kfp-local-{uuid.uuid4().hex[:12]}"
     log_path = root / f"{key}.log"
-    previous = os.environ.get("KFP_RUN_ID")
+    previous = {name: os.environ.get(name) for name in ("KFP_RUN_ID", *GIT_ENV)}
     os.environ["KFP_RUN_ID"] = key
+    # the checkout this runs from: the steps and the training job run in the workspace
+    # and in job directories, where git may see another repository or none
+    git = git_info()
+    if git:
+        os.environ[GIT_ENV[0]] = git["cnnflow.git_commit"]
+        os.environ[GIT_ENV[1]] = git["cnnflow.git_dirty"]
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                raise_on_error=True, enable_caching=cache)
     pipeline = build_pipeline(local=True)
@@ -217,7 +232,9 @@ def run_local(params: Params, *, workspace: str | Path = ".",
             raise CnnflowError(f"kfp.local: {console.error} {where}" if console.error else
                                f"kfp.local: {first} {where}") from None
         finally:
-            _restore("KFP_RUN_ID", previous)
+            console.close_log()
+            for name, value in previous.items():
+                _restore(name, value)
     model = _metadata(_task_output(root, "train"), "model")
     evaluate = _task_output(root, "evaluate")
     return {"wall_s": time.monotonic() - start, "job_s": float(model.get("job_s") or 0.0),

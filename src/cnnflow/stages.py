@@ -54,6 +54,10 @@ def stage_tracker(params: Params, stage: str, *, out_dir: str | Path,
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        tracker.fail("interrupted")
+        raise
+    except Exception as exc:
+        tracker.fail(str(exc) or type(exc).__name__)
         raise
     finally:
         tracker.close(status)
@@ -94,7 +98,7 @@ def run_shard(params: Params) -> dict[str, Any]:
 
 def run_train(params: Params) -> dict[str, Any]:
     """Train in this process (one rank of torchrun / a PyTorchJob, or a world of 1)."""
-    from cnnflow.data.manifest import read_manifest
+    from cnnflow.data.manifest import manifest_sha256, read_manifest
     from cnnflow.train.trainer import train
 
     tc = params.train
@@ -106,6 +110,8 @@ def run_train(params: Params) -> dict[str, Any]:
     with stage_tracker(params, "train", out_dir=tc.out_dir, dataset_version=version,
                        world_size=world) as tracker:
         tracker.log_dataset(shards, context="train")
+        if tracker.run_id is not None:
+            tracker.set_tags({SHARDS_TAG: manifest_sha256(shards)})
         summary = train(params, tracker=tracker)
         info = tracker.log_model(tc.out_dir)
         if tracker.run_id is not None:  # a tracked run (not tracking.enabled=false, rank > 0)
@@ -116,10 +122,10 @@ def run_train(params: Params) -> dict[str, Any]:
 
 
 def run_evaluate(params: Params, model: str = "") -> dict[str, Any]:
-    """Score the model on the test split; register it as @challenger; run the gate."""
-    from cnnflow.data.manifest import read_manifest
+    """Score the model on the test split; register it as @challenger; run the gate; put the
+    result on the pipeline's parent run."""
+    from cnnflow.data.manifest import manifest_sha256, read_manifest
     from cnnflow.evaluate import evaluate
-    from cnnflow.tracking import registry
 
     ec, tc = params.evaluate, params.tracking
     shards = params.train.shards or params.shard.out_dir
@@ -130,22 +136,73 @@ def run_evaluate(params: Params, model: str = "") -> dict[str, Any]:
         metrics = evaluate(source, shards, ec.out_dir, tracker=tracker, top_k=ec.top_k,
                            batch_size=ec.batch_size, max_misclassified=ec.max_misclassified,
                            tracking_uri=tc.uri or None)
-        _training_curves(params.train.out_dir, Path(ec.out_dir) / "plots")
+        curves = training_curves(params.train.out_dir, Path(ec.out_dir) / "plots")
+        if curves:
+            tracker.log_artifact(curves, "reports/plots")
         result: dict[str, Any] = {"metrics": metrics}
-        if tc.enabled and ec.register:
-            ref = _model_ref(source)
-            if ref is None:
-                log.warning("no logged model for %s (was MLflow unreachable during "
-                            "training?): not registered", source)
-            else:
-                result["registered"] = registry.register(ref, tc.model_name, metrics=metrics,
-                                                         tracking_uri=tc.uri or None)
-                if ec.promote:
-                    result["promotion"] = registry.promote(
-                        tc.model_name, result["registered"]["version"], margin=ec.margin,
-                        promote_across_datasets=ec.promote_across_datasets,
-                        run_id=tracker.run_id, tracking_uri=tc.uri or None)
+        if tc.enabled:
+            tracker.set_tags({SHARDS_TAG: manifest_sha256(shards)})
+            result.update(_register(params, source, metrics, tracker))
+            tracker.summarize_parent(params=_key_params(params), metrics={
+                f"test/{k}": metrics[k] for k in TEST_METRICS}, tags=_result_tags(result))
     return result
+
+
+TEST_METRICS = ("accuracy", "top_k_accuracy", "macro_f1", "weighted_f1", "ece")
+SHARDS_TAG = "cnnflow.shards_sha256"
+REGISTERED_TAG = "cnnflow.registered_version"
+_KEY_PARAMS = ("prepare.source", "model.name", "optim.name", "optim.lr", "train.epochs",
+               "train.batch_size", "parallel.dp", "parallel.pp", "parallel.fsdp",
+               "launch.nodes", "launch.nproc_per_node")
+
+
+def _key_params(params: Params) -> dict[str, Any]:
+    flat = flatten(params)
+    return {k: flat[k] for k in _KEY_PARAMS}
+
+
+def _result_tags(result: dict[str, Any]) -> dict[str, str]:
+    reg, promo = result.get("registered"), result.get("promotion")
+    tags = {"cnnflow.decision": promo["decision"] if promo else "none"}
+    if reg:
+        tags[REGISTERED_TAG] = f"{reg['name']}/{reg['version']}"
+    return tags
+
+
+def _register(params: Params, source: str, metrics: dict[str, Any], tracker: Any
+              ) -> dict[str, Any]:
+    """Register @challenger and run the promotion gate, unless this is not a run meant to
+    (evaluate.register: false; a `dvc exp run`, a throwaway until applied)."""
+    from cnnflow.tracking import registry
+
+    ec, tc = params.evaluate, params.tracking
+    if not ec.register:
+        log.info("evaluate.register is false: the model is logged, not registered")
+        return {}
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        log.info("dvc exp run: an experiment is logged, not registered (`dvc exp apply`, "
+                 "then `dvc repro`, registers it)")
+        tracker.set_tags({REGISTERED_TAG: "none (dvc experiment)"})
+        return {}
+    ref = _model_ref(source)
+    if ref is None:
+        log.warning("no logged model for %s (was MLflow unreachable during training?): "
+                    "not registered", source)
+        return {}
+    reg = registry.register(ref, tc.model_name, metrics=metrics, tracking_uri=tc.uri or None,
+                            tags={"cnnflow.evaluate_run_id": tracker.run_id or ""})
+    tracker.set_tags({REGISTERED_TAG: f"{reg['name']}/{reg['version']}"})
+    if reg.get("model_id"):
+        tracker.log_model_metrics(reg["model_id"], {
+            f"test/{k}": metrics[k] for k in TEST_METRICS}, shards=params.train.shards
+            or params.shard.out_dir)
+    out: dict[str, Any] = {"registered": reg}
+    if ec.promote:
+        out["promotion"] = registry.promote(
+            tc.model_name, reg["version"], margin=ec.margin,
+            promote_across_datasets=ec.promote_across_datasets, run_id=tracker.run_id,
+            tracking_uri=tc.uri or None)
+    return out
 
 
 def _model_ref(source: str) -> str | None:
@@ -158,15 +215,20 @@ def _model_ref(source: str) -> str | None:
     return json.loads(record.read_text()).get("model_uri")
 
 
-def _training_curves(train_dir: str | Path, plots: Path) -> None:
-    """metrics.jsonl as a CSV that `dvc plots` draws (one row per epoch)."""
+def training_curves(train_dir: str | Path, plots: Path) -> Path | None:
+    """metrics.jsonl as a CSV that `dvc plots` draws (one row per epoch) and as a PNG
+    (loss and accuracy over epochs), which DVC and MLflow show without loading Vega;
+    the PNG's path, or None without a metrics.jsonl."""
     src = Path(train_dir) / "metrics.jsonl"
     if not src.is_file():
-        return
+        return None
     rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
     if not rows:
-        return
+        return None
+    from cnnflow.evaluate import plot_training
+
     keys = ["epoch", "step", "loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
     plots.mkdir(parents=True, exist_ok=True)
     lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
     (plots / "training.csv").write_text("\n".join(lines) + "\n")
+    return plot_training(rows, plots / "training_curves.png")

@@ -45,7 +45,8 @@ def test_schema_version_is_the_newest_bundled():
 
 def test_job_contents():
     cfg = LaunchConfig(nodes=3, tracking_uri="http://mlflow:5000", env=["A=1"])
-    r = render_job(cfg, run_id="run-42", params_yaml="x: 1\n", parent_run_id="p-9")
+    r = render_job(cfg, run_id="run-42", params_yaml="x: 1\n", parent_run_id="p-9",
+                   identity={"KFP_RUN_ID": "run-42", "CNNFLOW_GIT_COMMIT": "abc"})
     job = r.documents()[1]
     spec = job["spec"]
     assert spec["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
@@ -61,8 +62,8 @@ def test_job_contents():
     assert c["args"] == ["-m", "cnnflow.train", "--params", "/etc/cnnflow/params.yaml"]
     assert r.documents()[0]["data"] == {"params.yaml": "x: 1\n"}
     env = {e["name"]: e["value"] for e in c["env"]}
-    assert env == {"HOME": "/tmp", "KFP_RUN_ID": "run-42", "CNNFLOW_PARENT_RUN_ID": "p-9",
-                   "A": "1"}
+    assert env == {"HOME": "/tmp", "KFP_RUN_ID": "run-42", "CNNFLOW_GIT_COMMIT": "abc",
+                   "CNNFLOW_PARENT_RUN_ID": "p-9", "A": "1"}
     assert {v["name"] for v in pod["volumes"]} == {"data", "tmp", "dshm", "params"}
     assert pod["securityContext"]["runAsUser"] == 1000
     assert r.out_dir == f"/workspace/runs/{r.name}/train"

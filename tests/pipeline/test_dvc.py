@@ -77,7 +77,7 @@ def test_repro_then_noop_then_param_change(repo):
     for stage in ("prepare", "shard", "train", "evaluate"):
         assert f"Running stage '{stage}'" in first.stdout
     assert (work / "outputs" / "train" / "model.pt").is_file()
-    assert _metrics(work)["accuracy"] > 0.5
+    assert 0.5 < _metrics(work)["test.accuracy"] <= 1
     _run(["git", "add", "-A"], work, env)
     _run(["git", "commit", "-qm", "first repro"], work, env)
 
@@ -93,32 +93,79 @@ def test_repro_then_noop_then_param_change(repo):
     assert "Running stage 'evaluate'" in changed.stdout
 
     diff = _run([str(BIN / "dvc"), "metrics", "diff", "--json"], work, env)
-    assert "accuracy" in json.loads(diff.stdout)["reports/metrics.json"]
+    rows = json.loads(diff.stdout)["reports/metrics.json"]
+    assert rows["test.accuracy"]["new"] == _metrics(work)["test.accuracy"]
+    assert 0 < rows["test.accuracy"]["old"] <= 1  # HEAD's metrics: git holds them
+    shown = _run([str(BIN / "dvc"), "metrics", "diff"], work, env)
+    assert "test.accuracy" in shown.stdout and "failed to load" not in shown.stdout + \
+        shown.stderr
     plots = _run([str(BIN / "dvc"), "plots", "diff", "-o", str(work / "plots-html")], work,
                  env)
     assert (work / "plots-html" / "index.html").is_file(), plots.stdout
+    assert "failed to load" not in plots.stdout + plots.stderr
+    # the training curves as an image: shown without Vega (offline)
+    images = list((work / "plots-html").rglob("*training_curves.png"))
+    assert images and all(i.read_bytes()[:4] == b"\x89PNG" for i in images)
 
     # MLflow runs started by DVC carry the runner tag and dvc.lock hashes
     from mlflow import MlflowClient
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs(client.search_experiments()[0].experiment_id,
+    runs = client.search_runs(client.get_experiment_by_name("cnnflow").experiment_id,
                               "tags.`cnnflow.runner` = 'dvc'")
     stages = {r.data.tags.get("cnnflow.stage") for r in runs}
     assert {"prepare", "shard", "train", "evaluate"} <= stages
     train = next(r for r in runs if r.data.tags.get("cnnflow.stage") == "train")
     assert any(k.startswith("cnnflow.dvc.") for k in train.data.tags), train.data.tags
+    head = _run(["git", "rev-parse", "HEAD"], work, env).stdout.strip()
+    assert train.data.tags["cnnflow.git_commit"] == head
+    assert train.data.tags["mlflow.source.git.commit"] == head
     _run(["git", "checkout", "params.yaml", "dvc.lock"], work, env)
     _run([str(BIN / "dvc"), "checkout", "-f"], work, env)
 
 
-def test_experiment_runs_and_is_listed(repo):
+def _exp_rows(work: Path, env: dict) -> dict[str, dict]:
+    """{row name: {"params": params.yaml's values, "metrics": metrics.json's}} of
+    `dvc exp show --json` (the baseline commit and each experiment)."""
+    shown = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], work, env).stdout)
+    rows = {}
+
+    def add(entry: dict, name: str) -> None:
+        data = entry.get("data") or {}
+        rows[name] = {
+            "params": ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {},
+            "metrics": ((data.get("metrics") or {}).get("reports/metrics.json") or {}).get(
+                "data") or {}}
+
+    for entry in shown:
+        if entry.get("rev") == "workspace":
+            continue
+        add(entry, entry.get("name") or entry["rev"])
+        for exp in entry.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                add(rev, rev.get("name") or rev["rev"])
+    return rows
+
+
+def test_experiment_runs_is_listed_with_its_metrics_and_registers_nothing(repo):
+    from mlflow import MlflowClient
+
     work, env = repo
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    versions = {v.version for v in client.search_model_versions("name='cnnflow'")}
+    challenger = client.get_model_version_by_alias("cnnflow", "challenger").version
     _run([str(BIN / "dvc"), "exp", "run", "-S", "optim.lr=0.05", "-S", "train.epochs=3"],
          work, env)
-    shown = _run([str(BIN / "dvc"), "exp", "show", "--json"], work, env)
-    text = shown.stdout
-    assert "accuracy" in text and "0.05" in text
+    rows = _exp_rows(work, env)
+    (exp,) = [r for name, r in rows.items() if r["params"].get("optim", {}).get("lr") == 0.05]
+    assert exp["params"]["train"]["epochs"] == 3
+    assert 0 < exp["metrics"]["test.accuracy"] <= 1
+    assert all(isinstance(v, (int, float)) for v in exp["metrics"].values())
+    (main,) = [r for name, r in rows.items() if name == "main"]
+    assert 0 < main["metrics"]["test.accuracy"] <= 1  # the baseline's metrics, from git
+    # an experiment logs, it does not move the registry
+    assert {v.version for v in client.search_model_versions("name='cnnflow'")} == versions
+    assert client.get_model_version_by_alias("cnnflow", "challenger").version == challenger
 
 
 def test_bad_param_type_fails_with_the_cli_error_and_keeps_outputs(repo):
@@ -150,3 +197,36 @@ def test_push_pull_round_trip_through_a_local_remote(repo):
     assert (work / "data" / "shards" / "manifest.json").read_text() == before
     assert (work / "outputs" / "train" / "model.pt").read_bytes() == model
     _run([str(BIN / "cnnflow"), "verify", "data/shards"], work, env)
+
+
+def test_every_run_is_closed_and_under_its_invocations_parent(repo):
+    """After the repros, the experiment and the failed run above: no RUNNING run; one parent
+    per dvc invocation; each stage run under one; the failure named on run and parent."""
+    from mlflow import MlflowClient
+
+    work, env = repo
+    # a run that fails once it has started: shards of another dataset version than asked
+    failing = _run([str(BIN / "dvc"), "exp", "run", "-S", "train.dataset_version=0123456789ab"],
+                   work, env, check=False)
+    assert failing.returncode != 0
+    _run(["git", "checkout", "params.yaml"], work, env)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("cnnflow")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+    parents = {r.info.run_id: r for r in runs if r.data.tags.get("cnnflow.role") == "pipeline"}
+    assert all(p.data.tags["cnnflow.pipeline_key"].startswith("dvc-") for p in parents.values())
+    stages = [r for r in runs if r.info.run_id not in parents]
+    assert stages and all(r.data.tags.get("mlflow.parentRunId") in parents for r in stages)
+    # 2 repros that ran stages, 1 experiment, 1 failed experiment; the no-op repro and the
+    # bad value (refused before any run) have none
+    assert len(parents) == len({r.data.tags["mlflow.parentRunId"] for r in stages}) == 4
+    failed = [r for r in stages if r.info.status == "FAILED"]
+    assert [r.data.tags["cnnflow.stage"] for r in failed] == ["train"]
+    assert failed[0].data.tags["cnnflow.error"].startswith(
+        "train.dataset_version=0123456789ab: the shards in ")
+    parent = parents[failed[0].data.tags["mlflow.parentRunId"]]
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["cnnflow.error"] == failed[0].data.tags["cnnflow.error"]
+    finished = [p for p in parents.values() if p.info.status == "FINISHED"]
+    assert all(0 < p.data.metrics["test/accuracy"] <= 1 for p in finished)

@@ -8,6 +8,7 @@ pod, tracking to a temp sqlite store.
 from __future__ import annotations
 
 import ast
+import hashlib
 import inspect
 import json
 import os
@@ -30,6 +31,7 @@ from cnnflow.errors import CnnflowError, ConfigError
 from cnnflow.kfp import components as comps
 from cnnflow.kfp.params import decode, encode, kfp_name, to_arguments
 from cnnflow.pipeline import compile_pipeline, run_local, submit
+from cnnflow.tracking.provenance import PLACES
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPILED = ROOT / "pipelines" / "compiled" / "cnn_training.yaml"
@@ -187,8 +189,9 @@ def test_pipeline_run_end_to_end_as_make_run_runs_it(tmp_path):
     ws = tmp_path / "ws"
     shutil.copytree(ROOT / "data" / "raw" / "digits", ws / "data" / "raw" / "digits")
     shutil.copy(ROOT / "params.yaml", ws / "params.yaml")
-    done = _cli("pipeline", "run", "--set", "train.epochs=2", "--set",
-                "launch.nproc_per_node=1", "--set", "tracking.experiment=kfp-e2e", cwd=ws,
+    commit = _git_checkout(ws)
+    overrides = ["train.epochs=2", "launch.nproc_per_node=1", "tracking.experiment=kfp-e2e"]
+    done = _cli("pipeline", "run", *[a for o in overrides for a in ("--set", o)], cwd=ws,
                 timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.strip().splitlines()
@@ -217,7 +220,7 @@ def test_pipeline_run_end_to_end_as_make_run_runs_it(tmp_path):
     assert int(train[2]) == round(last["samples_per_s"])
     assert float(train[3]) == pytest.approx(last["val_accuracy"], abs=5e-5)
     metrics = json.loads((ws / "reports" / "metrics.json").read_text())
-    assert result["evaluate"] == (f"test accuracy {metrics['accuracy']:.4f}; cnnflow v1; "
+    assert result["evaluate"] == (f"test accuracy {metrics['test.accuracy']:.4f}; cnnflow v1; "
                                   f"champion decision: promoted")
 
     assert lines[10].startswith("pipeline succeeded in ")
@@ -259,6 +262,60 @@ def test_pipeline_run_end_to_end_as_make_run_runs_it(tmp_path):
     report = next((ws / "outputs" / "kfp").glob("cnn-training-*/evaluate/report"))
     assert "Champion decision: **promoted**" in report.read_text()
 
+    # the parent carries the result, under a readable name
+    assert re.fullmatch(r"kfp-local-\d{8}-\d{4}-[0-9a-f]{8}", parent.info.run_name)
+    assert parent.data.metrics["test/accuracy"] == metrics["test.accuracy"]
+    assert parent.data.params["optim.lr"] == str(load_params(ws / "params.yaml").optim.lr)
+    assert parent.data.tags["cnnflow.registered_version"] == "cnnflow/1"
+    assert parent.data.tags["cnnflow.decision"] == "promoted"
+    # code, data and runner on every stage run and on the registered version
+    sha = hashlib.sha256((ws / "data" / "shards" / "manifest.json").read_bytes()).hexdigest()
+    for run in children.values():
+        assert run.data.tags["cnnflow.git_commit"] == commit, run.info.run_name
+        assert run.data.tags["mlflow.source.git.commit"] == commit
+        assert run.data.tags["mlflow.source.name"] == "cnnflow (kfp-local)"
+    assert children["train"].data.tags["cnnflow.shards_sha256"] == sha
+    assert children["evaluate"].data.tags["cnnflow.registered_version"] == "cnnflow/1"
+    assert not {"dataset_version", "world_size", "torch", "parallel.dp"} & set(
+        children["train"].data.tags)  # no unprefixed duplicates
+    version = client.get_model_version("cnnflow", "1")
+    assert version.tags["cnnflow.git_commit"] == commit
+    assert version.tags["cnnflow.shards_sha256"] == sha
+    assert version.tags["cnnflow.runner"] == "kfp-local"
+    assert version.tags["cnnflow.world_size"] == "1"
+
+    shown = _cli("lineage", "models:/cnnflow@champion", cwd=ws)
+    assert shown.returncode == 0, shown.stderr
+    defaults = flatten(Params())
+    changed = {k: v for k, v in flatten(load_params(ws / "params.yaml", overrides)).items()
+               if v != defaults[k] and not k.endswith(PLACES)}  # paths are the machine's
+    assert changed == {"train.epochs": 2, "tracking.experiment": "kfp-e2e"}
+    expected_rerun = f"git checkout {commit} && cnnflow pipeline run" + "".join(
+        f" --set {k}={v}" for k, v in sorted(changed.items()))
+    assert shown.stdout.splitlines() == [
+        "model     cnnflow v1 (@challenger, @champion)",
+        f"code      git {commit} (clean)",
+        f"data      dataset {dataset['version']}",
+        f"shards    manifest sha256 {sha}",
+        "runner    kfp-local, world size 1 (dp 1, pp 1, fsdp 1)",
+        f"metrics   test.accuracy {metrics['test.accuracy']:.4f}, test.macro_f1 "
+        f"{metrics['test.macro_f1']:.4f}, test.ece {metrics['test.ece']:.4f}",
+        f"runs      train {children['train'].info.run_id}, evaluate "
+        f"{children['evaluate'].info.run_id}, pipeline {parent.info.run_id}",
+        f"rerun     {expected_rerun}",
+    ]
+
+
+def _git_checkout(path: Path) -> str:
+    """`path` as a git checkout of one commit (what `make run` runs in); its sha."""
+    env = {**os.environ, "GIT_AUTHOR_NAME": "cnnflow-test", "GIT_COMMITTER_NAME": "cnnflow-test",
+           "GIT_AUTHOR_EMAIL": "test@cnnflow.invalid",
+           "GIT_COMMITTER_EMAIL": "test@cnnflow.invalid"}
+    for cmd in (["init", "-q", "-b", "main"], ["add", "params.yaml"], ["commit", "-qm", "x"]):
+        subprocess.run(["git", *cmd], cwd=path, env=env, check=True, capture_output=True)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
 
 def test_a_failing_step_fails_the_run_with_its_own_one_line_error(tmp_path, monkeypatch):
     """kfp.local only says which task failed; the run's error repeats the step's line and
@@ -282,6 +339,18 @@ def test_a_failing_step_fails_the_run_with_its_own_one_line_error(tmp_path, monk
     assert "SUCCESS" not in terminal.getvalue() and "Traceback" not in terminal.getvalue()
     assert "Traceback" in log.read_text()  # the whole story is in the log
     assert not (tmp_path / "ws" / "data" / "prepared").exists()
+    # the MLflow tree: the failed stage and its parent closed FAILED, naming the error
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cnnflow").experiment_id])
+    assert sorted((r.info.run_name.split("-")[0], r.info.status) for r in runs) == [
+        ("kfp", "FAILED"), ("prepare", "FAILED")]
+    (child,) = [r for r in runs if r.info.run_name == "prepare"]
+    (parent,) = [r for r in runs if r.info.run_name != "prepare"]
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.data.tags["cnnflow.error"] == error.removeprefix("step prepare failed: ")
+    assert parent.data.tags["cnnflow.error"] == child.data.tags["cnnflow.error"]
 
 
 def _closed_port() -> int:

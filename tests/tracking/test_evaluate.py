@@ -41,9 +41,15 @@ def test_evaluate_writes_reports_and_logs_them(tracking_uri, shards, model_dir, 
     tracker.close()
     reports = tmp_path / "reports"
     flat = json.loads((reports / "metrics.json").read_text())
-    assert set(flat) >= {"accuracy", "top_k_accuracy", "macro_f1", "weighted_f1", "ece", "n"}
-    assert flat["n"] == 179 and flat["accuracy"] > 0.8  # digits test split, trained model
-    assert flat["top_k_accuracy"] >= flat["accuracy"]
+    # the DVC metric: numbers only, flat keys, the returned values
+    assert flat == {f"test.{k}": result[k] for k in ("accuracy", "top_k_accuracy", "macro_f1",
+                                                     "weighted_f1", "ece", "n", "k")}
+    assert all(isinstance(v, (int, float)) for v in flat.values())
+    assert flat["test.n"] == 179 and flat["test.accuracy"] > 0.8  # digits test split
+    assert flat["test.top_k_accuracy"] >= flat["test.accuracy"]
+    provenance = json.loads((reports / "evaluation.json").read_text())
+    assert provenance["model"] == str(model_dir)
+    assert provenance["dataset_version"] == provenance["model_dataset_version"]
     for name in ("confusion_matrix.png", "reliability.png", "misclassified.png"):
         assert (reports / "plots" / name).read_bytes()[:4] == b"\x89PNG"
     matrix = json.loads((reports / "plots" / "confusion_matrix.json").read_text())
@@ -57,9 +63,9 @@ def test_evaluate_writes_reports_and_logs_them(tracking_uri, shards, model_dir, 
 
     client = MlflowClient(tracking_uri)
     run = client.get_run(tracker.run_id)
-    assert run.data.metrics["test_accuracy"] == result["accuracy"]
-    assert run.data.metrics["test_ece"] == result["ece"]
-    assert "test_f1.0" in run.data.metrics
+    assert run.data.metrics["test/accuracy"] == result["accuracy"]
+    assert run.data.metrics["test/ece"] == result["ece"]
+    assert run.data.metrics["test/f1.0"] == result["per_class"]["0"]["f1"]
     assert run.data.tags["cnnflow.dataset_version"] == result["dataset_version"]
     names = {a.path for a in client.list_artifacts(tracker.run_id, "reports/plots")}
     assert "reports/plots/confusion_matrix.png" in names

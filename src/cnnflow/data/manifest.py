@@ -58,6 +58,18 @@ def resolve_shard_dir(uri: str | Path) -> Path:
     return Path(host + urllib.parse.unquote(parsed.path))
 
 
+def manifest_sha256(shard_dir: str | Path) -> str:
+    """sha256 of the shard set's manifest.json: it names every shard's own sha256, so this
+    one digest pins the exact bytes a run trained or was scored on."""
+    import hashlib
+
+    path = resolve_shard_dir(shard_dir) / MANIFEST
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot read the manifest ({exc.strerror})") from None
+
+
 def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
     """Read and sanity-check `manifest.json`; ShardError naming the file otherwise."""
     path = resolve_shard_dir(shard_dir) / MANIFEST

@@ -22,6 +22,7 @@ This package imports nothing heavy at import time: `LaunchConfig` is cheap to lo
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,20 @@ def resolve_job(params: Params, *, name: str, shards: str, workspace: Path,
         tracking=dataclasses.replace(params.tracking, uri=uri))
 
 
+def identity() -> dict[str, str]:
+    """This process's run identity, for the pods' environment: the KFP run and runner it
+    belongs to, and the code it runs (git commit and dirty flag)."""
+    from cnnflow.tracking.lineage import GIT_COMMIT_ENV, GIT_DIRTY_ENV, git_info
+
+    env = {name: os.environ[name] for name in ("KFP_RUN_ID", "CNNFLOW_RUNNER")
+           if os.environ.get(name)}
+    git = git_info()
+    if git:
+        env[GIT_COMMIT_ENV], env[GIT_DIRTY_ENV] = git["cnnflow.git_commit"], \
+            git["cnnflow.git_dirty"]
+    return env
+
+
 def plan_job(params: Params, *, shards: str = "", workspace: str | Path = ".",
              run_id: str = "", parent_run_id: str = "",
              mounts: Mapping[str, str] | None = None, pod_view: bool = False,
@@ -117,7 +132,7 @@ def plan_job(params: Params, *, shards: str = "", workspace: str | Path = ".",
                         cluster=cluster)
     text = yaml.safe_dump(to_dict(final), sort_keys=False)
     rendered = render_job(cfg, name=name, run_id=run_id, params_yaml=text,
-                          parent_run_id=parent_run_id)
+                          parent_run_id=parent_run_id, identity=identity())
     return rendered, final, mounts
 
 

@@ -153,13 +153,16 @@ def _pod_template(cfg: LaunchConfig, container: m.V1Container,
 
 
 def render_job(cfg: LaunchConfig, *, run_id: str = "", name: str = "",
-               params_yaml: str | None = None, parent_run_id: str = "") -> RenderedJob:
+               params_yaml: str | None = None, parent_run_id: str = "",
+               identity: dict[str, str] | None = None) -> RenderedJob:
     """Build the PyTorchJob (and its params ConfigMap) for one training run.
 
     `run_id` makes the job name (unique per run); `name` overrides it. `params_yaml` is
     the final params.yaml the pods train with (`cnnflow.launch.resolve_job`: shards,
     outputs and checkpoints already set), the pods' one input: their argv is only
-    `--params FILE`. None = the image's own params.yaml.
+    `--params FILE`. None = the image's own params.yaml. `identity` is the launching
+    process's run identity, passed on to the pods as environment variables (not
+    parameters): KFP_RUN_ID, CNNFLOW_RUNNER, CNNFLOW_GIT_COMMIT/DIRTY (`launch.identity`).
     """
     name = name or job_name(cfg.name_prefix, run_id)
     out_dir, ckpt_dir = run_paths(cfg.mount_path, name)
@@ -178,11 +181,11 @@ def render_job(cfg: LaunchConfig, *, run_id: str = "", name: str = "",
         argv += ["--params", f"{PARAMS_DIR}/params.yaml"]
 
     # the run's identity (not parameters): lineage tags and the MLflow parent run
-    env = {"HOME": "/tmp"}
-    if run_id:
-        env["KFP_RUN_ID"] = run_id
+    env = {"HOME": "/tmp", **(identity or {})}
     if parent_run_id:
         env["CNNFLOW_PARENT_RUN_ID"] = parent_run_id
+    if cfg.backend == "kubernetes":
+        env["CNNFLOW_IMAGE"] = cfg.image
     env.update(_kv(cfg.env))
 
     template = _pod_template(cfg, _container(cfg, argv, env, bool(params_map)), params_map)

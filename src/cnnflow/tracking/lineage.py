@@ -43,18 +43,40 @@ def _git(args: list[str], cwd: str | Path | None) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+GIT_COMMIT_ENV, GIT_DIRTY_ENV = "CNNFLOW_GIT_COMMIT", "CNNFLOW_GIT_DIRTY"
+# Derived files a run rewrites: they do not make the code differ from its commit.
+_DERIVED = (":(exclude)reports", ":(exclude)dvc.lock")
+
+
 def git_info(cwd: str | Path | None = None) -> dict[str, str]:
     """`{"cnnflow.git_commit": sha, "cnnflow.git_dirty": "true"|"false"}`, or {} without git.
 
-    Dirty means tracked files differ from the commit (untracked files ignored): such a
-    run cannot be reproduced from the commit alone, and the tag says so.
+    $CNNFLOW_GIT_COMMIT / $CNNFLOW_GIT_DIRTY come first: `cnnflow pipeline run` exports
+    the checkout's for its task processes and the training job (which run elsewhere), and
+    the image sets them at build time for pods, which have no .git. Dirty means tracked
+    files other than the pipeline's outputs (reports/, dvc.lock) differ from the commit
+    (untracked files ignored): such a run cannot be reproduced from the commit alone.
     """
+    commit = os.environ.get(GIT_COMMIT_ENV, "").strip()
+    if commit:
+        return {"cnnflow.git_commit": commit,
+                "cnnflow.git_dirty": os.environ.get(GIT_DIRTY_ENV, "unknown").strip()}
     commit = _git(["rev-parse", "HEAD"], cwd)
     if not commit:
         return {}
-    status = _git(["status", "--porcelain", "--untracked-files=no"], cwd)
+    status = _git(["status", "--porcelain", "--untracked-files=no", "--", ".", *_DERIVED],
+                  cwd)
     dirty = "unknown" if status is None else str(bool(status)).lower()
     return {"cnnflow.git_commit": commit, "cnnflow.git_dirty": dirty}
+
+
+def source_tags(runner: str, git: dict[str, str]) -> dict[str, str]:
+    """MLflow's own source tags, which fill the UI's Source column."""
+    tags = {"mlflow.source.name": f"cnnflow ({runner})",
+            "mlflow.source.type": "JOB" if runner == "kfp" else "LOCAL"}
+    if "cnnflow.git_commit" in git:
+        tags["mlflow.source.git.commit"] = git["cnnflow.git_commit"]
+    return tags
 
 
 def dvc_lock_info(stage: str | None = None, lock_path: str | Path = "dvc.lock"
@@ -140,7 +162,12 @@ def lineage_tags(
     """
     runner = runner or detect_runner()
     tags: dict[str, str] = {"cnnflow.stage": stage, "cnnflow.runner": runner}
-    tags.update(git_info(cwd))
+    git = git_info(cwd)
+    tags.update(git)
+    tags.update(source_tags(runner, git))
+    image = os.environ.get("CNNFLOW_IMAGE", "").strip()
+    if image:
+        tags["cnnflow.image"] = image
     if runner == "dvc" or os.environ.get("DVC_STAGE"):
         tags.update(dvc_lock_info(os.environ.get("DVC_STAGE") or stage, lock_path))
     kfp_run = os.environ.get("KFP_RUN_ID")

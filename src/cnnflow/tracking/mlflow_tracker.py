@@ -40,6 +40,7 @@ log = logging.getLogger("cnnflow")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
 PARENT_ENV = "CNNFLOW_PARENT_RUN_ID"
 PARENT_TAG, PIPELINE_TAG = "mlflow.parentRunId", "cnnflow.pipeline_key"
+ERROR_TAG = "cnnflow.error"
 # Client retries once the run has started: MLflow's default (7 retries, backoff factor 2)
 # waits minutes per call before a dead server is noticed; 2 retries cost ~2-4 s.
 HTTP_RETRIES, HTTP_BACKOFF = "2", "1"
@@ -157,10 +158,12 @@ class MlflowTracker:
     """One MLflow run, behind the `Tracker` interface."""
 
     def __init__(self, run_id: str, *, tracking_uri: str, spool_dir: str | Path | None = None,
-                 log_system_metrics: bool = False, meta: dict[str, Any] | None = None) -> None:
+                 log_system_metrics: bool = False, meta: dict[str, Any] | None = None,
+                 parent_run_id: str | None = None, close_parent: bool = False) -> None:
         from mlflow import MlflowClient
 
         self.run_id, self.tracking_uri = run_id, tracking_uri
+        self.parent_run_id, self._close_parent = parent_run_id, close_parent
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.spool_dir = Path(spool_dir or Path("mlflow-spool") / run_id).resolve()
         self._meta = {"run_id": run_id, "tracking_uri": tracking_uri, **(meta or {})}
@@ -233,6 +236,47 @@ class MlflowTracker:
         self._do(lambda: upload(self.client, self.run_id, path, artifact_path), "artifact",
                  path=str(path), artifact_path=artifact_path)
 
+    def fail(self, error: str) -> None:
+        """Record a failure's one-line error on this run and on its parent."""
+        line = (error.strip().splitlines() or [""])[0][:500]
+        self.set_tags({ERROR_TAG: line})
+        if self.parent_run_id and self.spool is None:
+            with contextlib.suppress(Exception):
+                self.client.set_tag(self.parent_run_id, ERROR_TAG, line)
+
+    def summarize_parent(self, *, params: dict[str, Any], metrics: dict[str, float],
+                         tags: dict[str, str]) -> None:
+        """The pipeline's result on its parent run (key params, test metrics, decision,
+        registered version), so that comparing pipeline runs in the UI shows them."""
+        if not self.parent_run_id or self.spool is not None:
+            return
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        with contextlib.suppress(Exception):  # the stage's own record is what counts
+            existing = self.client.get_run(self.parent_run_id).data.params
+            self.client.log_batch(
+                self.parent_run_id,
+                params=[Param(k, v) for k, v in stringify(params).items() if k not in existing],
+                metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                tags=[RunTag(k, v) for k, v in stringify(tags).items()])
+
+    def log_model_metrics(self, model_id: str, metrics: dict[str, float],
+                          shards: str | Path) -> None:
+        """`metrics` on this run, linked to the logged model `model_id` and to the shard
+        set they were measured on (MLflow 3's LoggedModel metrics)."""
+        from mlflow.entities import Metric
+
+        from cnnflow.data.manifest import read_manifest
+
+        version = read_manifest(shards)["dataset_version"]
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, 0, model_id=model_id,
+                        dataset_name=f"shards-{version[:12]}", dataset_digest=version[:36])
+                 for k, v in metrics.items()]
+        self._do(lambda: self.client.log_batch(self.run_id, metrics=items), "metrics",
+                 metrics={k: float(v) for k, v in metrics.items()}, step=0, timestamp_ms=now)
+
     def log_dataset(self, shards: str | Path, context: str = "train") -> None:
         """Dataset lineage: the shard set (digest = dataset version) as a run input."""
         from cnnflow.data.manifest import read_manifest
@@ -261,6 +305,9 @@ class MlflowTracker:
             self._monitor = None
         self._do(lambda: self.client.set_terminated(self.run_id, status), "status",
                  status=status)
+        if self._close_parent and self.parent_run_id and self.spool is None:
+            with contextlib.suppress(Exception):  # the stage's own record is what counts
+                self.client.set_terminated(self.parent_run_id, status)
         if self.spool is not None:
             log.warning("MLflow run %s was spooled to %s; upload it with "
                         "`cnnflow tracking sync %s`", self.run_id, self.spool_dir,
@@ -290,13 +337,45 @@ def parent_name(runner: str, key: str | None = None) -> str:
     return f"{runner}-{time.strftime('%Y%m%d-%H%M')}-{short}"
 
 
+def dvc_run_key() -> str | None:
+    """`dvc-<pid>-<start time>` of the `dvc repro` / `dvc exp run` process this stage runs
+    under (the nearest ancestor process that is `dvc`), or None outside DVC: every stage
+    of one invocation, and every rank of its torchrun, finds the same parent run by it."""
+    if not os.environ.get("DVC_STAGE"):
+        return None
+    import psutil
+
+    try:
+        proc = psutil.Process().parent()
+        while proc is not None:
+            argv = proc.cmdline()
+            names = [Path(a).name for a in argv[:2]]
+            if "dvc" in names:
+                return f"dvc-{proc.pid}-{int(proc.create_time())}"
+            proc = proc.parent()
+    except psutil.Error:
+        return None
+    return None
+
+
+def runner_key(runner: str) -> str | None:
+    """The key of the pipeline run this process belongs to: the KFP run id under KFP, the
+    DVC invocation under DVC; None for a single CLI command, which has no parent."""
+    if runner in ("kfp", "kfp-local"):
+        return os.environ.get("KFP_RUN_ID") or None
+    if runner == "dvc":
+        return dvc_run_key()
+    return None
+
+
 def start_parent_run(*, experiment: str = "cnnflow", run_name: str | None = None,
                      runner: str | None = None, pipeline_key: str | None = None,
                      tracking_uri: str | None = None, offline: bool = False,
                      timeout_s: float = 5.0) -> str:
     """The pipeline's parent run id: `$CNNFLOW_PARENT_RUN_ID`, else the run tagged with
-    `pipeline_key` (default `$KFP_RUN_ID`: every KFP component finds the same parent),
-    else a new run. The id is exported to `$CNNFLOW_PARENT_RUN_ID` for child processes.
+    `pipeline_key` (default: `runner_key`, so every KFP component, or every stage of one
+    `dvc repro`, finds the same parent), else a new run. A found parent is RUNNING again
+    while a stage runs. The id is exported to `$CNNFLOW_PARENT_RUN_ID` for child processes.
     """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -311,12 +390,15 @@ def start_parent_run(*, experiment: str = "cnnflow", run_name: str | None = None
             raise CnnflowError(f"{PARENT_ENV}={given}: no such run at {uri}") from None
     experiment_id = ensure_experiment(client, experiment)
     runner = runner or detect_runner()
-    key = pipeline_key or os.environ.get("KFP_RUN_ID")
+    key = pipeline_key or runner_key(runner)
     run_id = None
     if key:
         found = client.search_runs([experiment_id], f"tags.`{PIPELINE_TAG}` = '{key}'",
                                    max_results=1)
-        run_id = found[0].info.run_id if found else None
+        if found:
+            run_id = found[0].info.run_id
+            if found[0].info.status != "RUNNING":
+                client.update_run(run_id, status="RUNNING")
     if run_id is None:
         tags = {"cnnflow.runner": runner, "cnnflow.role": "pipeline"}
         if key:
@@ -353,18 +435,26 @@ def stage_run(stage: str, *, params: dict[str, Any] | None = None,
 
     uri = _prepare(tracking_uri, offline, timeout_s)
     runner = runner or detect_runner()
-    parent = parent_run_id or start_parent_run(experiment=experiment, runner=runner,
-                                               tracking_uri=uri, timeout_s=timeout_s)
     client = MlflowClient(tracking_uri=uri)
-    experiment_id = client.get_run(parent).info.experiment_id
+    parent = parent_run_id
+    if parent is None and (os.environ.get(PARENT_ENV) or runner_key(runner)):
+        parent = start_parent_run(experiment=experiment, runner=runner, tracking_uri=uri,
+                                  timeout_s=timeout_s)
     tags = lineage_tags(stage, runner=runner, dataset_version=dataset_version,
                         world_size=world_size, degrees=degrees)
-    tags[PARENT_TAG] = parent
+    if parent:
+        tags[PARENT_TAG] = parent
+        experiment_id = client.get_run(parent).info.experiment_id
+    else:  # a single CLI command: its own top-level run
+        experiment_id = ensure_experiment(client, experiment)
     run = client.create_run(experiment_id, run_name=stage, tags=tags)
     meta = {"experiment_name": experiment, "run_name": stage, "tags": tags,
             "parent_run_id": parent}
+    # Under DVC no step closes the pipeline: each stage closes the parent with its own
+    # status (the next stage of the same invocation reopens it), so none stays RUNNING.
     tracker = MlflowTracker(run.info.run_id, tracking_uri=uri, spool_dir=spool_dir,
-                            log_system_metrics=log_system_metrics, meta=meta)
+                            log_system_metrics=log_system_metrics, meta=meta,
+                            parent_run_id=parent, close_parent=runner == "dvc")
     if params:
         tracker.log_params(params)
     return tracker

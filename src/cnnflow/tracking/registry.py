@@ -37,6 +37,10 @@ MODEL_NAME = "model"  # the logged model's name inside its run
 CHALLENGER, CHAMPION = "challenger", "champion"
 ACCURACY_TAG = "test.accuracy"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+# The train run's tags a registered version carries: code, data, runner, scale, image
+LINEAGE_TAGS = ("cnnflow.git_commit", "cnnflow.git_dirty", "cnnflow.runner",
+                "cnnflow.world_size", "cnnflow.shards_sha256", "cnnflow.image",
+                "cnnflow.kfp_run_id", "cnnflow.dvc.lock_hash", "mlflow.source.git.commit")
 
 
 class PixelClassifier(nn.Module):
@@ -257,9 +261,10 @@ def register(run_id_or_model_uri: str, name: str, *, metrics: dict[str, float] |
         version_tags = {DATASET_TAG: str(meta.get("dataset_version", ""))}
         if info.run_id:
             run_tags = client.get_run(info.run_id).data.tags
-            for key in ("cnnflow.git_commit", "cnnflow.git_dirty"):
-                if key in run_tags:
-                    version_tags[key] = run_tags[key]
+            for key, value in run_tags.items():
+                if key in LINEAGE_TAGS or key.startswith("cnnflow.parallel."):
+                    version_tags[key] = value
+            version_tags["cnnflow.train_run_id"] = info.run_id
         for key, value in (metrics or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 version_tags[f"test.{key}"] = repr(float(value))  # evaluate()'s scalars
@@ -273,7 +278,8 @@ def register(run_id_or_model_uri: str, name: str, *, metrics: dict[str, float] |
     set_alias(client, name, alias, mv.version)
     log.info("registered %s as %s version %s (@%s)", uri, name, mv.version, alias)
     return {"name": name, "version": str(mv.version), "alias": alias, "model_uri": source,
-            "run_id": info.run_id, "tags": version_tags}
+            "run_id": info.run_id, "model_id": getattr(info, "model_id", None),
+            "tags": version_tags}
 
 
 def _accuracy(mv, label: str) -> float:
