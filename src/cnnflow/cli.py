@@ -234,13 +234,20 @@ app.add_typer(tracking_app, name="tracking")
 @tracking_app.command("sync")
 def tracking_sync(
     spool: Annotated[Path, typer.Argument(help="A spool dir written while MLflow was down.")],
-    uri: Annotated[str, typer.Option("--uri", help="Default: $MLFLOW_TRACKING_URI.")] = "",
+    uri: Annotated[str, typer.Option(
+        "--tracking-uri", "--uri", help="Where to upload (default: $MLFLOW_TRACKING_URI).")] = "",
+    to_recorded_uri: Annotated[bool, typer.Option(
+        "--to-recorded-uri", help="Upload to the URI the spool's meta.json recorded instead "
+                                  "(only for a spool you trust).")] = False,
 ) -> None:
-    """Upload what a run kept locally while the tracking server was unreachable."""
-    from cnnflow.tracking.sync import sync
+    """Upload what a run kept locally while the tracking server was unreachable. Every file
+    the spool names must lie inside it; a spool that names any other is refused whole."""
+    from cnnflow.tracking.sync import DONE, sync
 
-    run_id = sync(spool, uri or None)
-    typer.echo(f"synced {spool} into run {run_id}")
+    run_id = sync(spool, uri or None, to_recorded_uri=to_recorded_uri)
+    done = json.loads((spool / DONE).read_text())
+    typer.echo(f"synced {spool} into run {run_id} at {done['tracking_uri']} (the spool "
+               f"recorded {done['recorded_tracking_uri'] or 'no URI'})")
 
 
 @app.command("mlflow-server")
@@ -249,11 +256,16 @@ def mlflow_server(
     artifacts: Annotated[str, typer.Option("--artifacts")] = "mlflow/artifacts",
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 5000,
+    allowed_hosts: Annotated[str, typer.Option(
+        "--allowed-hosts", help="Comma-separated Host headers the server accepts, passed to "
+                                "`mlflow server --allowed-hosts`; a Host header carries the "
+                                "port: mlflow.cnnflow.svc:5000 (or mlflow.cnnflow.svc:*). "
+                                "Replaces MLflow's default (localhost and private IPs).")] = "",
 ) -> None:
     """Run a real MLflow server on the local store (Ctrl-C stops it)."""
     from cnnflow.tracking.server import run_server
 
-    run_server(store, artifacts, host=host, port=port)
+    run_server(store, artifacts, host=host, port=port, allowed_hosts=allowed_hosts or None)
 
 
 @app.command()

@@ -7,6 +7,7 @@ the restart semantics use tiny python commands, whose behaviour is easy to scrip
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from cnnflow.config import load_params
 from cnnflow.configs.launch import LaunchConfig
 from cnnflow.launch import launch_training
 from cnnflow.launch.local import LocalJob, run_local
+from cnnflow.launch.operator import IMAGE_CMD
 from cnnflow.launch.pytorchjob import render_job
 from cnnflow.launch.validate import ManifestError
 
@@ -217,3 +219,159 @@ def test_unmapped_claim_is_a_clear_error(tmp_path):
     with pytest.raises(ManifestError, match=r"volume 'data' \(claim cnnflow-data, mountPath "
                        r"/workspace\) has no local directory: map it with /workspace=DIR"):
         LocalJob(render_job(LaunchConfig(), name="nomap"))
+
+
+# -------------------------------------------------- jobs shaped like the operator's examples
+
+ENV_JSON = ("import json, os, sys; print(json.dumps({k: os.environ.get(k, '<unset>') "
+            "for k in sys.argv[1:]}))")
+RANK = "import os; print('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'])"
+
+
+def _containers(job: dict) -> list[dict]:
+    return [s["template"]["spec"]["containers"][0]
+            for s in job["spec"]["pytorchReplicaSpecs"].values()]
+
+
+def test_job_without_run_policy_gets_the_operators_defaults(tmp_path):
+    """No runPolicy: cleanPodPolicy None, no backoffLimit (restarts unlimited), no deadline."""
+    job = _job(tmp_path, FAIL_FIRST)
+    del job["spec"]["runPolicy"]
+    lines: list[str] = []
+    local = LocalJob(job, mounts={"/workspace": str(tmp_path)}, echo=lines.append)
+    assert local.doc["spec"]["runPolicy"] == {"cleanPodPolicy": "None"}
+    assert (local.backoff_limit, local.deadline_s) == (None, None)
+    result = local.run()
+    assert (result.succeeded, result.exit_code, result.restarts) == (True, 0, 1)
+    assert lines == ["[master-0] attempt first", "[master-0] attempt again"]
+
+
+NO_RDZV_ID_WARNING = (
+    "PyTorchJob norid: spec.elasticPolicy.rdzvId not set: the operator sets no PET_RDZV_ID "
+    "and torchrun uses the rendezvous id 'none'; a unique rdzvId is safer (two jobs with the "
+    "same rendezvous endpoint would join each other)")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_elastic_job_without_rdzv_id_runs_with_torchruns_default(tmp_path, warnings_logged):
+    (tmp_path / "ids.py").write_text(
+        "import os\n"
+        "print('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'], 'id',\n"
+        "      os.environ['TORCHELASTIC_RUN_ID'], os.environ.get('PET_RDZV_ID', '<unset>'))\n")
+    job = render_job(LaunchConfig(nodes=2, elastic_min_nodes=2, elastic_max_nodes=2),
+                     name="norid").documents()[0]
+    del job["spec"]["elasticPolicy"]["rdzvId"]
+    (c,) = _containers(job)
+    c["args"] = ["--nproc-per-node=1", "/workspace/ids.py"]
+    lines: list[str] = []
+    local = LocalJob(job, mounts={"/workspace": str(tmp_path)}, echo=lines.append)
+    assert [(r.label, "PET_RDZV_ID" in r.env) for r in local.replicas] == [
+        ("worker-0", False), ("worker-1", False)]
+    result = local.run()
+    assert (result.succeeded, result.exit_code) == (True, 0), lines[-20:]
+    ranks = sorted(line.split("] ", 1)[1] for line in lines if "] rank " in line)
+    assert ranks == ["rank 0 of 2 id none <unset>", "rank 1 of 2 id none <unset>"]
+    assert warnings_logged == [NO_RDZV_ID_WARNING]
+
+
+HPA_METRICS = [{"type": "Resource", "resource": {
+    "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}}}]
+
+
+def test_elastic_metrics_are_accepted_and_ignored_locally(tmp_path, warnings_logged):
+    job = render_job(LaunchConfig(nodes=2, elastic_min_nodes=1, elastic_max_nodes=3),
+                     name="hpa").documents()[0]
+    job["spec"]["elasticPolicy"]["metrics"] = HPA_METRICS
+    local = LocalJob(job, mounts={"/workspace": str(tmp_path)})
+    assert [(r.label, r.env["PET_NNODES"]) for r in local.replicas] == [
+        ("worker-0", "1:3"), ("worker-1", "1:3")]
+    assert warnings_logged == [
+        "PyTorchJob hpa: spec.elasticPolicy.metrics ignored locally (they drive the "
+        "HorizontalPodAutoscaler on a cluster): 2 Worker replicas, no autoscaling"]
+
+
+def test_worker_replicas_default_to_one(tmp_path):
+    job = _job(tmp_path, RANK, nodes=2)
+    del job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"]
+    lines: list[str] = []
+    assert run_local(job, mounts={"/workspace": str(tmp_path)}, echo=lines.append) == 0
+    assert sorted(lines) == ["[master-0] rank 0 of 2", "[worker-0] rank 1 of 2"]
+
+
+def test_args_without_command_are_refused_for_an_unknown_entrypoint(tmp_path):
+    job = _job(tmp_path, "print('never')")
+    (c,) = _containers(job)
+    del c["command"]
+    c["image"], c["args"] = "kubeflow/pytorch-dist-mnist:latest", ["--backend", "gloo"]
+    with pytest.raises(ManifestError) as exc:
+        LocalJob(job, mounts={"/workspace": str(tmp_path)})
+    assert str(exc.value) == (
+        "PyTorchJob restart-test: spec.pytorchReplicaSpecs.Master: container 'pytorch' has "
+        "no command, and the ENTRYPOINT of image 'kubeflow/pytorch-dist-mnist:latest' (which "
+        "would get its args) is unknown locally: add command (the entrypoint to run, e.g. "
+        "[python, train.py])")
+
+
+def test_cnnflow_image_args_run_as_the_command(tmp_path):
+    """cnnflow's image has no ENTRYPOINT: args replace its CMD; with neither, CMD runs."""
+    job = _job(tmp_path, "print('never')")
+    (c,) = _containers(job)
+    del c["command"]
+    c["image"] = "registry.local:5000/team/cnnflow:0.1.0"
+    c["args"] = ["python", "-c", "print('args ran')"]
+    lines: list[str] = []
+    assert run_local(job, mounts={"/workspace": str(tmp_path)}, echo=lines.append) == 0
+    assert lines == ["[master-0] args ran"]
+    del c["args"]
+    assert LocalJob(job, mounts={"/workspace": str(tmp_path)}).replicas[0].argv == [
+        sys.executable, "-m", "cnnflow.train", "--help"]
+    # a script that is not executable (args[0] run directly): one line, not a traceback
+    (tmp_path / "train.py").write_text("print('hi')\n")
+    c["args"] = ["/workspace/train.py"]
+    with pytest.raises(ManifestError) as exc:
+        LocalJob(job, mounts={"/workspace": str(tmp_path)}, echo=lambda s: None).run()
+    assert str(exc.value) == (f"PyTorchJob restart-test: master-0: cannot run "
+                              f"'{tmp_path}/train.py' here: Permission denied")
+
+
+def test_image_cmd_is_the_dockerfiles():
+    dockerfile = Path(__file__).resolve().parents[2] / "Dockerfile"
+    instructions = [line.split(maxsplit=1) for line in dockerfile.read_text().splitlines()
+                    if line.strip() and not line.startswith((" ", "#"))]
+    assert "ENTRYPOINT" not in [words[0] for words in instructions]
+    (cmd,) = [words[1] for words in instructions if words[0] == "CMD"]
+    assert tuple(json.loads(cmd)) == IMAGE_CMD
+
+
+def test_value_from_resolves_pod_fields_and_names_the_rest(tmp_path, monkeypatch,
+                                                           warnings_logged):
+    job = _job(tmp_path, ENV_JSON, nodes=2)
+    job["metadata"]["namespace"] = "team-a"
+    refs = {"POD": {"fieldRef": {"fieldPath": "metadata.name"}},
+            "NS": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+            "IP": {"fieldRef": {"fieldPath": "status.podIP"}},
+            "NODE": {"fieldRef": {"fieldPath": "spec.nodeName"}},
+            "MODE": {"configMapKeyRef": {"name": "settings", "key": "mode"}},
+            "TOKEN": {"secretKeyRef": {"name": "creds", "key": "token"}},
+            "CPU": {"resourceFieldRef": {"resource": "limits.cpu"}},
+            "UID": {"fieldRef": {"fieldPath": "metadata.uid"}},
+            "OTHER": {"configMapKeyRef": {"name": "absent", "key": "k"}}}
+    for c in _containers(job):
+        c["env"] += [{"name": k, "valueFrom": v} for k, v in refs.items()]
+        c["args"] = list(refs)
+    settings = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"},
+                "data": {"mode": "fast"}}
+    monkeypatch.setenv("TOKEN", "from-this-host")  # unset in the pod: not inherited either
+    lines: list[str] = []
+    assert run_local([settings, job], mounts={"/workspace": str(tmp_path)},
+                     echo=lines.append) == 0
+    got = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1]) for line in lines}
+    unset = dict.fromkeys(["TOKEN", "CPU", "UID", "OTHER"], "<unset>")
+    fixed = {"NS": "team-a", "IP": "127.0.0.1", "NODE": socket.gethostname(), "MODE": "fast"}
+    assert got == {"[master-0]": {"POD": "restart-test-master-0", **fixed, **unset},
+                   "[worker-0]": {"POD": "restart-test-worker-0", **fixed, **unset}}
+    assert warnings_logged == [
+        f"PyTorchJob restart-test: {label}: env TOKEN, CPU, UID, OTHER not set: valueFrom "
+        "configMapKeyRef, fieldRef metadata.uid, resourceFieldRef, secretKeyRef cannot be "
+        "resolved locally" for label in ("master-0", "worker-0")]

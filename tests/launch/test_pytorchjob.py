@@ -209,3 +209,86 @@ def test_security_baseline_is_enforced():
     with pytest.raises(ManifestError, match="container pytorch: missing "
                        "allowPrivilegeEscalation: false"):
         validate_documents([job])
+
+
+# -------------------------------------------------- jobs shaped like the operator's examples
+
+
+def test_run_policy_is_optional_as_in_the_crd():
+    from cnnflow.launch.operator import with_defaults
+
+    job = _base_job()
+    del job["spec"]["runPolicy"]
+    policy = validate_pytorchjob(job).spec.run_policy  # the SDK model requires one
+    assert (policy.clean_pod_policy, policy.backoff_limit, policy.active_deadline_seconds,
+            policy.ttl_seconds_after_finished) == (None, None, None, None)
+    assert with_defaults(job)["spec"]["runPolicy"] == {"cleanPodPolicy": "None"}
+
+
+def test_operator_defaults():
+    from cnnflow.launch.operator import with_defaults
+
+    job = render_job(CONFIGS["elastic"], name="el").documents()[0]
+    worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
+    del worker["replicas"], worker["restartPolicy"], job["spec"]["elasticPolicy"]["minReplicas"]
+    spec = with_defaults(job)["spec"]
+    assert (spec["pytorchReplicaSpecs"]["Worker"]["replicas"],
+            spec["pytorchReplicaSpecs"]["Worker"]["restartPolicy"]) == (1, "OnFailure")
+    assert (spec["elasticPolicy"]["minReplicas"], spec["elasticPolicy"]["maxReplicas"]) == (4, 4)
+    del job["spec"]["elasticPolicy"]["maxReplicas"]
+    worker["replicas"] = 3
+    spec = with_defaults(job)["spec"]
+    assert (spec["elasticPolicy"]["minReplicas"], spec["elasticPolicy"]["maxReplicas"]) == (3, 3)
+    assert spec["nprocPerNode"] == "1"  # given by the renderer; "auto" only when absent
+    del job["spec"]["nprocPerNode"]
+    assert with_defaults(job)["spec"]["nprocPerNode"] == "auto"
+
+
+def test_elastic_job_without_rdzv_id_is_accepted_with_a_warning(warnings_logged):
+    job = render_job(CONFIGS["elastic"], name="el").documents()[0]
+    del job["spec"]["elasticPolicy"]["rdzvId"]
+    assert validate_pytorchjob(job).spec.elastic_policy.rdzv_id is None
+    assert warnings_logged == [
+        "PyTorchJob el: spec.elasticPolicy.rdzvId not set: the operator sets no PET_RDZV_ID "
+        "and torchrun uses the rendezvous id 'none'; a unique rdzvId is safer (two jobs with "
+        "the same rendezvous endpoint would join each other)"]
+
+
+def test_elastic_metrics_are_read_as_hpa_metrics():
+    job = render_job(CONFIGS["elastic"], name="el").documents()[0]
+    job["spec"]["elasticPolicy"]["metrics"] = [{"type": "Resource", "resource": {
+        "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}}}]
+    (metric,) = validate_pytorchjob(job).spec.elastic_policy.metrics
+    assert type(metric).__name__ == "V2MetricSpec"
+    assert (metric.type, metric.resource.name, metric.resource.target.average_utilization) == (
+        "Resource", "cpu", 80)
+    job["spec"]["elasticPolicy"]["metrics"] = [{"resource": {
+        "name": "cpu", "target": {"type": "Utilization"}}}]  # no type
+    with pytest.raises(ManifestError) as exc:
+        validate_pytorchjob(job)
+    assert str(exc.value) == ("PyTorchJob el: spec.elasticPolicy.metrics.0: 'type' is a "
+                              "required property")
+
+
+def test_elastic_job_needs_a_worker():
+    job = render_job(CONFIGS["elastic"], name="el").documents()[0]
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    specs["Master"] = specs.pop("Worker")
+    specs["Master"]["replicas"] = 1
+    with pytest.raises(ManifestError) as exc:
+        validate_pytorchjob(job)
+    assert str(exc.value) == ("PyTorchJob el: spec.pytorchReplicaSpecs.Worker: required with "
+                              "spec.elasticPolicy")
+
+
+def test_master_replicas_must_be_given():
+    """The operator's defaulter would set 1, but its admission webhook (v1.9.0,
+    pytorchjob_webhook.go) sees the job first and refuses `replicas: nil` for the Master;
+    Worker replicas may be left out (default 1, see test_local)."""
+    job = _break(f"{MASTER}.replicas", None)
+    with pytest.raises(ManifestError) as exc:
+        validate_pytorchjob(job)
+    assert str(exc.value) == (
+        "PyTorchJob rules: spec.pytorchReplicaSpecs.Master.replicas: required, must be 1 "
+        "(the operator's webhook refuses a Master without it): add replicas: 1")
+    validate_pytorchjob(_break("spec.pytorchReplicaSpecs.Worker.replicas", None))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import urllib.error
+import urllib.request
 
 import pytest
 from mlflow import MlflowClient
@@ -12,6 +14,19 @@ from cnnflow.errors import CnnflowError
 from cnnflow.tracking.mlflow_tracker import check_reachable, stage_run
 from cnnflow.tracking.server import free_port, start_server
 from cnnflow.tracking.sync import sync
+
+
+def _status(url: str, host: str) -> int:
+    """The HTTP status of an API call (not /health: that answers any Host) sent with the
+    Host header `host`."""
+    request = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default",
+        headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def test_unreachable_server_fails_before_anything_starts(monkeypatch, tmp_path):
@@ -45,12 +60,17 @@ def test_offline_logs_to_the_local_sqlite_store(monkeypatch, tmp_path, caplog,
 def test_server_killed_mid_run_loses_nothing_and_syncs(tmp_path, monkeypatch, model_dir,
                                                       mlflow_server, caplog):
     root = tmp_path / "srv"
-    live = start_server(root / "mlflow.db", root / "artifacts", port=free_port(),
+    port = free_port()
+    # started as in a cluster: the Service name must be allowed, or MLflow answers 403
+    live = start_server(root / "mlflow.db", root / "artifacts", port=port,
+                        allowed_hosts=f"mlflow.cnnflow.svc:5000,127.0.0.1:{port}",
                         log_path=root / "server.log")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", live.url)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # notice the crash at once
     spool = tmp_path / "out" / "mlflow-spool"
     try:
+        assert _status(live.url, "mlflow.cnnflow.svc:5000") == 200
+        assert _status(live.url, "elsewhere.example:5000") == 403
         tracker = stage_run("train", params={"train.lr": 0.1}, spool_dir=spool)
         for step in range(5):
             tracker.log_metrics({"loss": 1.0 / (step + 1)}, step)

@@ -130,7 +130,7 @@ def test_every_tracker_implements_the_whole_protocol(make, tmp_path):
 
 
 def test_the_protocol_matches_mlflow_tracker_signatures():
-    from cnnflow.tracking.mlflow_tracker import MlflowTracker
+    from cnnflow.tracking.mlflow_run import MlflowTracker
 
     for name in ("log_params", "set_tags", "log_metrics", "log_artifact", "log_dataset",
                  "log_model", "close"):

@@ -2,14 +2,23 @@
 
     rc = run_local("job.yaml", mounts={"/workspace": "."})   # cnnflow launch job.yaml --local
 
-Each replica runs the `pytorch` container's command/args with the environment the
-training operator (kubeflow.org/v1, pkg/controller.v1/pytorch/envvar.go, master.go,
-elastic.go) would give its pod, except that addresses are local:
-- container env, then PYTHONUNBUFFERED=0 and, with a Master: MASTER_ADDR=127.0.0.1,
-  MASTER_PORT (a free port), PET_MASTER_ADDR/PORT, WORLD_SIZE = replicas x nprocPerNode,
-  RANK = PET_NODE_RANK = replica index (master 0, worker i -> i + 1), PET_NPROC_PER_NODE;
+The job gets the operator's defaults first (cnnflow.launch.operator: no runPolicy means
+cleanPodPolicy None and no backoffLimit, Worker replicas default to 1, ...; a Master must
+state replicas: 1, as the operator's webhook demands). Each replica runs
+the `pytorch` container's command/args with the environment the training operator
+(kubeflow.org/v1, pkg/controller.v1/pytorch/envvar.go, master.go, elastic.go) would give
+its pod, except that addresses are local:
+- container env (valueFrom: see operator.container_env; what cannot resolve here is
+  named in one warning per replica), then PYTHONUNBUFFERED=0 and, with a Master:
+  MASTER_ADDR=127.0.0.1, MASTER_PORT (a free port), PET_MASTER_ADDR/PORT, WORLD_SIZE =
+  replicas x nprocPerNode, RANK = PET_NODE_RANK = replica index (master 0, worker i ->
+  i + 1), PET_NPROC_PER_NODE;
 - PET_NNODES = replicas, or for elastic jobs PET_NNODES=min:max, PET_RDZV_ENDPOINT
-  (127.0.0.1:<free port>), PET_RDZV_BACKEND, PET_RDZV_ID, PET_MAX_RESTARTS.
+  (127.0.0.1:<free port>), PET_RDZV_BACKEND, PET_MAX_RESTARTS and PET_RDZV_ID when
+  rdzvId is set (else torchrun's default id "none"). elasticPolicy.metrics (the HPA's) are
+  ignored, with one warning: the Workers run as many as `replicas` says.
+Without `command`, only cnnflow's image runs (its `args` are the command, as it has no
+ENTRYPOINT; see operator.container_argv); another image's entrypoint is unknown here.
 `python`/`python3` run as this interpreter and `torchrun` as `python -m torch.distributed.run`,
 so the job runs in this environment; the image is not used.
 
@@ -46,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cnnflow.launch import operator
 from cnnflow.launch.validate import ManifestError, load_documents, validate_pytorchjob
 
 log = logging.getLogger("cnnflow")
@@ -120,6 +130,7 @@ class LocalJob:
                  finish_grace_s: float = 60.0) -> None:
         self.doc, self.config_maps = _split(source)
         validate_pytorchjob(self.doc)
+        self.doc = operator.with_defaults(self.doc)
         self.name = self.doc["metadata"]["name"]
         self.mounts = {k: str(Path(v).resolve()) for k, v in (mounts or {}).items()}
         self.extra_env = dict(env or {})
@@ -130,11 +141,20 @@ class LocalJob:
         self.finish_grace_s = finish_grace_s
         self._lock = threading.Lock()
         spec = self.doc["spec"]
-        run_policy = spec.get("runPolicy") or {}
-        self.backoff_limit: int | None = run_policy.get("backoffLimit")
-        self.deadline_s: int | None = run_policy.get("activeDeadlineSeconds")
+        self.backoff_limit: int | None = spec["runPolicy"].get("backoffLimit")
+        self.deadline_s: int | None = spec["runPolicy"].get("activeDeadlineSeconds")
         self.elastic = spec.get("elasticPolicy")
-        self.replicas = self._plan()
+        if (self.elastic or {}).get("metrics"):
+            log.warning("PyTorchJob %s: spec.elasticPolicy.metrics ignored locally (they "
+                        "drive the HorizontalPodAutoscaler on a cluster): %s Worker "
+                        "replicas, no autoscaling", self.name,
+                        spec["pytorchReplicaSpecs"]["Worker"]["replicas"])
+        try:
+            self.replicas = self._plan()
+        except ManifestError:
+            if self._own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
 
     @staticmethod
     def _stderr(line: str) -> None:
@@ -142,45 +162,6 @@ class LocalJob:
         sys.stderr.flush()
 
     # ------------------------------------------------------------------ planning
-
-    def _operator_env(self, rtype: str, index: int, master_port: int,
-                      rdzv_port: int) -> dict[str, str]:
-        specs = self.doc["spec"]["pytorchReplicaSpecs"]
-        nproc = self.doc["spec"].get("nprocPerNode")
-        if nproc is None and not (self.elastic and self.elastic.get("nProcPerNode")):
-            nproc = "auto"  # the operator's defaulter
-        total = sum(int(s.get("replicas", 1)) for s in specs.values())
-        env = {"PYTHONUNBUFFERED": "0"}
-        if "Master" in specs:
-            rank = index + 1 if rtype == "Worker" else index
-            per_node = int(nproc) if nproc and str(nproc).isdigit() else 1
-            env.update({
-                "MASTER_PORT": str(master_port), "MASTER_ADDR": "127.0.0.1",
-                "PET_MASTER_PORT": str(master_port), "PET_MASTER_ADDR": "127.0.0.1",
-                "WORLD_SIZE": str(total * per_node), "RANK": str(rank),
-                "PET_NPROC_PER_NODE": str(nproc), "PET_NODE_RANK": str(rank),
-            })
-        if self.elastic is not None:
-            e = self.elastic
-            lo, hi = e.get("minReplicas"), e.get("maxReplicas")
-            nnodes = f"{lo}:{hi}" if lo is not None or hi is not None else str(
-                specs.get("Worker", {}).get("replicas", 1))
-            env.update({"PET_RDZV_ENDPOINT": f"127.0.0.1:{rdzv_port}",
-                        "PET_RDZV_BACKEND": e.get("rdzvBackend") or "c10d",
-                        "PET_NNODES": nnodes})
-            if e.get("maxRestarts") is not None:
-                env["PET_MAX_RESTARTS"] = str(e["maxRestarts"])
-            if e.get("nProcPerNode") is not None:
-                env["PET_NPROC_PER_NODE"] = str(e["nProcPerNode"])
-            if e.get("rdzvId"):
-                env["PET_RDZV_ID"] = e["rdzvId"]
-            if e.get("rdzvConf"):
-                env["PET_RDZV_CONF"] = ",".join(f"{c['key']}={c['value']}" for c in e["rdzvConf"])
-            if e.get("standalone"):
-                env["PET_STANDALONE"] = ""
-        else:
-            env["PET_NNODES"] = str(total)
-        return env
 
     def _volume_dirs(self, pod: dict[str, Any], container: dict[str, Any],
                      label: str) -> dict[str, str]:
@@ -247,25 +228,31 @@ class LocalJob:
                 continue
             pod = rspec["template"]["spec"]
             container = next(c for c in pod["containers"] if c["name"] == "pytorch")
-            for index in range(int(rspec.get("replicas", 1))):
+            where = f"PyTorchJob {self.name}: spec.pytorchReplicaSpecs.{rtype}"
+            command = operator.container_argv(container, where)
+            for index in range(int(rspec["replicas"])):
                 label = f"{rtype.lower()}-{index}"
                 rewrite = self._rewriter(self._volume_dirs(pod, container, label))
-                env = {e["name"]: rewrite(str(e.get("value", ""))) for e in
-                       container.get("env") or [] if "valueFrom" not in e}
-                env.update(self._operator_env(rtype, index, master_port, rdzv_port))
-                argv = [rewrite(a) for a in
-                        [*(container.get("command") or []), *(container.get("args") or [])]]
-                if not argv:
-                    raise ManifestError(f"{self.name}: {rtype} container 'pytorch' has no "
-                                        "command: the image's entrypoint is unknown locally")
+                fields = operator.pod_fields(self.doc, rtype, index)
+                values, unset = operator.container_env(container.get("env"), fields,
+                                                       self.config_maps)
+                if unset:
+                    log.warning("PyTorchJob %s: %s: env %s not set: valueFrom %s cannot be "
+                                "resolved locally", self.name, label, ", ".join(unset),
+                                ", ".join(sorted(set(unset.values()))))
+                env = {k: rewrite(v) for k, v in values.items()}
+                env.update(operator.pod_env(self.doc, rtype, index, master_port, rdzv_port))
+                argv = [rewrite(a) for a in command]
                 if argv[0] in ("python", "python3"):
                     argv[0] = sys.executable
                 elif argv[0] == "torchrun":
                     argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
                 cwd = rewrite(container.get("workingDir") or str(self.workdir))
                 Path(cwd).mkdir(parents=True, exist_ok=True)
-                replicas.append(Replica(rtype, index, argv, {**base, **env, **self.extra_env},
-                                        cwd, rspec.get("restartPolicy") or "OnFailure"))
+                inherited = {k: v for k, v in base.items() if k not in unset}  # "not set"
+                replicas.append(Replica(rtype, index, argv,
+                                        {**inherited, **env, **self.extra_env},
+                                        cwd, rspec["restartPolicy"]))
         return replicas
 
     # ------------------------------------------------------------------ running
@@ -278,9 +265,13 @@ class LocalJob:
                 self.echo(prefix + line)
 
     def _start(self, replica: Replica) -> None:
-        replica.proc = subprocess.Popen(
-            replica.argv, env=replica.env, cwd=replica.cwd, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            replica.proc = subprocess.Popen(
+                replica.argv, env=replica.env, cwd=replica.cwd, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:  # the command is looked up on this machine
+            raise ManifestError(f"PyTorchJob {self.name}: {replica.label}: cannot run "
+                                f"{replica.argv[0]!r} here: {exc.strerror}") from None
         thread = threading.Thread(target=self._pump, args=(replica, replica.proc.stdout),
                                   daemon=True)
         thread.start()

@@ -6,10 +6,15 @@
 - PyTorchJob: deserialized with the kubeflow-training SDK into `KubeflowOrgV1PyTorchJob`,
   then the training operator's admission rules (pytorchjob_webhook.go, v1.9): name a
   DNS-1035 label, replica types Master/Worker only, containers with an image and one
-  named `pytorch`, Master replicas = 1, `spec.nprocPerNode` not combined with
-  `elasticPolicy.nProcPerNode`; plus the CRD's enums (restartPolicy, cleanPodPolicy)
-  and our own rules for elastic jobs (torchrun, 1 <= min <= max, an rdzvId). Each
-  replica's pod template is also checked against the core PodTemplate schema.
+  named `pytorch`, Master replicas = 1 (given: the webhook sees the job before the
+  defaulter would set 1), a Worker for elastic jobs, `spec.nprocPerNode` not combined
+  with `elasticPolicy.nProcPerNode`; plus the CRD's enums (restartPolicy, cleanPodPolicy)
+  and our own rules for elastic jobs (torchrun, 1 <= min <= max; a warning without an
+  rdzvId). Each replica's pod template is also checked against the core PodTemplate
+  schema, elasticPolicy.metrics against the HorizontalPodAutoscaler's.
+  The SDK model is stricter than the CRD: it requires `spec.runPolicy` (optional: an empty
+  one stands in) and cannot read `elasticPolicy.metrics` (its K8sIoApiAutoscalingV2MetricSpec
+  is missing: they are read as the kubernetes client's V2MetricSpec instead).
 - `check_pod_security`: the hardening every cnnflow container must have.
 
 Every failure is a `ManifestError` (a `CnnflowError`): one line naming the object and field.
@@ -18,6 +23,7 @@ Every failure is a `ManifestError` (a `CnnflowError`): one line naming the objec
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,6 +38,8 @@ RESTART_POLICIES = ("Always", "OnFailure", "Never", "ExitCode")
 CLEAN_POD_POLICIES = ("None", "Running", "All")
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
+log = logging.getLogger("cnnflow")
+
 
 class ManifestError(CnnflowError):
     """A manifest breaks a Kubernetes schema, an operator rule or our security baseline."""
@@ -42,8 +50,8 @@ def _where(doc: dict[str, Any]) -> str:
     return f"{doc.get('kind', '?')} {meta.get('name', '?')}"
 
 
-def validate_core(doc: dict[str, Any], version: str = K8S_SCHEMA_VERSION) -> None:
-    """Validate a core kind against the bundled Kubernetes schema (strict)."""
+def _schema_problem(doc: dict[str, Any], version: str = K8S_SCHEMA_VERSION) -> str | None:
+    """"path: message" where a core kind breaks its bundled schema (strict), else None."""
     import kubernetes_validate
     from kubernetes_validate.utils import SchemaNotFoundError
 
@@ -51,26 +59,59 @@ def validate_core(doc: dict[str, Any], version: str = K8S_SCHEMA_VERSION) -> Non
         kubernetes_validate.validate(doc, version, strict=True)
     except kubernetes_validate.ValidationError as exc:
         path = ".".join(str(p) for p in exc.path) or "(root)"
-        raise ManifestError(f"{_where(doc)}: {path}: {exc.message.splitlines()[0]}") from None
+        return f"{path}: {exc.message.splitlines()[0]}"
     except SchemaNotFoundError as exc:
-        raise ManifestError(f"{_where(doc)}: {exc.message}") from None
+        return exc.message
+    return None
+
+
+def validate_core(doc: dict[str, Any], version: str = K8S_SCHEMA_VERSION) -> None:
+    """Validate a core kind against the bundled Kubernetes schema (strict)."""
+    problem = _schema_problem(doc, version)
+    if problem is not None:
+        raise ManifestError(f"{_where(doc)}: {problem}")
 
 
 class _Response:
     """What the SDK's ApiClient.deserialize reads: an object with `.data` (JSON text)."""
 
-    def __init__(self, doc: dict[str, Any]) -> None:
+    def __init__(self, doc: Any) -> None:
         self.data = json.dumps(doc)
+
+
+def _metrics(doc: dict[str, Any], metrics: Any) -> list:
+    """elasticPolicy.metrics, checked as an HPA's and read as kubernetes' V2MetricSpec."""
+    from kubernetes.client import ApiClient as CoreClient
+
+    hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+           "metadata": {"name": "elastic"}, "spec": {"maxReplicas": 1, "metrics": metrics,
+           "scaleTargetRef": {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+                              "name": "elastic"}}}
+    problem = _schema_problem(hpa)
+    if problem is not None:
+        raise ManifestError(f"{_where(doc)}: spec.elasticPolicy.{problem.removeprefix('spec.')}")
+    return CoreClient().deserialize(_Response(metrics), "list[V2MetricSpec]")
 
 
 def to_model(doc: dict[str, Any]):
     """A PyTorchJob dict as the SDK's `KubeflowOrgV1PyTorchJob` (schema types checked)."""
     from kubeflow.training.api_client import ApiClient
 
+    spec, metrics = doc.get("spec"), None
+    if isinstance(spec, dict):  # where the SDK is stricter than the CRD (module docstring)
+        spec = {**spec, "runPolicy": spec.get("runPolicy") or {}}
+        elastic = spec.get("elasticPolicy")
+        if isinstance(elastic, dict) and elastic.get("metrics") is not None:
+            spec["elasticPolicy"] = {k: v for k, v in elastic.items() if k != "metrics"}
+            metrics = _metrics(doc, elastic["metrics"])
+        doc = {**doc, "spec": spec}
     try:
-        return ApiClient().deserialize(_Response(doc), "KubeflowOrgV1PyTorchJob")
+        job = ApiClient().deserialize(_Response(doc), "KubeflowOrgV1PyTorchJob")
     except (ValueError, TypeError) as exc:
         raise ManifestError(f"{_where(doc)}: not a valid PyTorchJob: {exc}") from None
+    if metrics is not None:
+        job.spec.elastic_policy.metrics = metrics
+    return job
 
 
 def _is_torchrun(container: Any) -> bool:
@@ -123,6 +164,9 @@ def validate_pytorchjob(doc: dict[str, Any]):
             raise ManifestError(f"{where}: {path}.template.spec.containers: must have a "
                                 "container named 'pytorch'")
         torchrun = torchrun and _is_torchrun(main[0])
+        if rtype == "Master" and rspec.replicas is None:
+            raise ManifestError(f"{where}: {path}.replicas: required, must be 1 (the operator's "
+                                "webhook refuses a Master without it): add replicas: 1")
         if rtype == "Master" and rspec.replicas != 1:
             raise ManifestError(f"{where}: {path}.replicas: must be 1, got {rspec.replicas!r}")
         if rspec.replicas is not None and rspec.replicas < 0:
@@ -134,6 +178,9 @@ def validate_pytorchjob(doc: dict[str, Any]):
         validate_core({"apiVersion": "v1", "kind": "PodTemplate",
                        "metadata": {"name": f"{name}-{rtype.lower()}"}, "template": template})
     if elastic is not None:
+        if "Worker" not in spec.pytorch_replica_specs:
+            raise ManifestError(f"{where}: spec.pytorchReplicaSpecs.Worker: required with "
+                                "spec.elasticPolicy")
         lo, hi = elastic.min_replicas, elastic.max_replicas
         if lo is not None and hi is not None and not 1 <= lo <= hi:
             raise ManifestError(f"{where}: spec.elasticPolicy: expected 1 <= minReplicas <= "
@@ -141,9 +188,11 @@ def validate_pytorchjob(doc: dict[str, Any]):
         if not torchrun:
             raise ManifestError(f"{where}: spec.elasticPolicy: elastic jobs need torchrun "
                                 "as the 'pytorch' container's command (it reads PET_*)")
-        if not elastic.rdzv_id:
-            raise ManifestError(f"{where}: spec.elasticPolicy.rdzvId: required (unique per "
-                                "job, so a stale rendezvous is never joined)")
+        if elastic.rdzv_id is None:
+            log.warning("%s: spec.elasticPolicy.rdzvId not set: the operator sets no "
+                        "PET_RDZV_ID and torchrun uses the rendezvous id 'none'; a unique "
+                        "rdzvId is safer (two jobs with the same rendezvous endpoint would "
+                        "join each other)", where)
     return job
 
 

@@ -6,7 +6,7 @@
 
 Only global rank 0 gets a real tracker; every other rank gets `NullTracker`, so the
 training code never checks ranks before logging, and every tracker has every method, so
-no caller asks `hasattr`. `cnnflow.tracking.mlflow_tracker.MlflowTracker` is the MLflow
+no caller asks `hasattr`. `cnnflow.tracking.mlflow_run.MlflowTracker` is the MLflow
 implementation, `cnnflow.tracking.files.FileTracker` the train.out_dir one.
 """
 

@@ -2,9 +2,13 @@
 
     cnnflow mlflow-server                     # run_server("mlflow/mlflow.db", "mlflow/artifacts")
     MLFLOW_TRACKING_URI=http://127.0.0.1:5000 cnnflow train
+    cnnflow mlflow-server --host 0.0.0.0 --allowed-hosts mlflow.cnnflow.svc:5000,127.0.0.1:5000
 
 The server binds to 127.0.0.1 only; to expose it (a cluster Service) bind 0.0.0.0 and
-name the Service host in `allowed_hosts`, or its security middleware answers 403.
+name the Service host in `allowed_hosts`, or its security middleware answers 403. Host
+headers carry the port (`mlflow.cnnflow.svc:5000`; `mlflow.cnnflow.svc:*` matches any),
+and the list replaces MLflow's default one (localhost and private IPs); /health and
+/version answer whatever the Host.
 `--serve-artifacts --artifacts-destination` makes the server the only writer of the
 artifact directory: clients upload over HTTP and never need its disk.
 
@@ -106,6 +110,23 @@ class ManagedProcess:
         self.proc.wait()
 
 
+def server_command(store: str | Path, artifacts_dir: str | Path, host: str = "127.0.0.1",
+                   port: int = 5000, *, allowed_hosts: str | None = None) -> list[str]:
+    """The `mlflow server` argv. `allowed_hosts` (comma-separated Host headers, with their
+    port: `mlflow.cnnflow.svc:5000`) replaces MLflow's default list, localhost and private
+    IPs, so name every host clients use, 127.0.0.1:<port> included."""
+    cmd = [*MLFLOW, "server", "--host", host, "--port", str(port),
+           "--backend-store-uri", store_uri(store), "--serve-artifacts",
+           "--artifacts-destination", str(Path(artifacts_dir).resolve()), "--workers", "1"]
+    if allowed_hosts:
+        hosts = [h.strip() for h in allowed_hosts.split(",")]
+        if not all(hosts):
+            raise CnnflowError(f"--allowed-hosts {allowed_hosts!r}: expected comma-separated "
+                               f"host names (host:port or host:*), got an empty one")
+        cmd += ["--allowed-hosts", ",".join(hosts)]
+    return cmd
+
+
 def start_server(store: str | Path, artifacts_dir: str | Path, host: str = "127.0.0.1",
                  port: int = 5000, *, allowed_hosts: str | None = None,
                  log_path: str | Path | None = None, timeout_s: float = 90.0,
@@ -114,11 +135,7 @@ def start_server(store: str | Path, artifacts_dir: str | Path, host: str = "127.
     then call `.wait_ready(timeout_s)` before using it)."""
     artifacts = Path(artifacts_dir).resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
-    cmd = [*MLFLOW, "server", "--host", host, "--port", str(port),
-           "--backend-store-uri", store_uri(store), "--serve-artifacts",
-           "--artifacts-destination", str(artifacts), "--workers", "1"]
-    if allowed_hosts:
-        cmd += ["--allowed-hosts", allowed_hosts]
+    cmd = server_command(store, artifacts, host, port, allowed_hosts=allowed_hosts)
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION":
            os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
     server = ManagedProcess(cmd, f"http://{host}:{port}", "/health", log_path, env)

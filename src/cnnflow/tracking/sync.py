@@ -15,6 +15,11 @@ writes every later call here instead:
 same server restarted), else into a new run of the same experiment tagged with the
 original id. A finished sync writes `synced.json`; syncing again is refused, because
 metrics would be logged twice.
+
+A spool is input, not a command: the target is `--tracking-uri` or $MLFLOW_TRACKING_URI,
+never the URI in `meta.json` unless `--to-recorded-uri` asks for it; and every file an
+event names must resolve (symlinks followed) inside the spool directory. All events are
+checked before the first call to MLflow, so a refused spool uploads nothing.
 """
 
 from __future__ import annotations
@@ -80,11 +85,19 @@ class Spool:
 
 
 def read_events(spool_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    root = Path(spool_dir)
+    meta, numbered = _read_numbered(Path(spool_dir))
+    return meta, [event for _, event in numbered]
+
+
+def _read_numbered(root: Path) -> tuple[dict[str, Any], list[tuple[int, dict[str, Any]]]]:
+    """meta.json and the events, each with its line number in events.jsonl."""
     try:
         meta = json.loads((root / META).read_text())
     except (OSError, ValueError):
         raise CnnflowError(f"{root}: not a tracking spool (no readable {META})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("run_id"), str):
+        raise CnnflowError(f"{root / META}: expected a JSON object with the spooled run's "
+                           f"'run_id', got {json.dumps(meta)[:80]}")
     events = []
     path = root / EVENTS
     if path.exists():
@@ -92,11 +105,106 @@ def read_events(spool_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, A
             if not line.strip():
                 continue
             try:
-                events.append(json.loads(line))
+                event = json.loads(line)
             except ValueError:
                 # a line cut short by a crash mid-write: everything before it is intact
                 log.warning("%s line %d: incomplete event skipped", path, number)
+                continue
+            if not isinstance(event, dict) or not isinstance(event.get("kind"), str):
+                raise CnnflowError(f"{path} line {number}: expected a JSON object with a "
+                                   f"'kind', got {line.strip()[:80]!r}; nothing was uploaded")
+            events.append((number, event))
     return meta, events
+
+
+FILE_KINDS = ("artifact", "model")  # the events that name a file kept in the spool
+
+
+def _inside(path: Path, root: Path) -> bool:
+    resolved = path.resolve()
+    return resolved != root and resolved.is_relative_to(root)
+
+
+def spool_files(root: Path, numbered: list[tuple[int, dict[str, Any]]]) -> dict[int, Path]:
+    """Check every file an event names, before anything is uploaded: it must exist and it,
+    and everything under it when it is a directory, must resolve inside the spool (no
+    absolute path, no `..`, no symlink out). Returns line number -> path in the spool."""
+    real_root = root.resolve()
+    where = root / EVENTS
+    files = {}
+    for number, event in numbered:
+        if event["kind"] not in FILE_KINDS:
+            continue
+        value = event.get("file")
+        if not isinstance(value, str) or not value:
+            raise CnnflowError(f"{where} line {number}: {event['kind']} event has no 'file' "
+                               f"(expected a path inside the spool {root}); nothing was "
+                               f"uploaded")
+        dest = event.get("artifact_path")
+        if dest is not None and not (isinstance(dest, str) and _relative_posix(dest)):
+            raise CnnflowError(f"{where} line {number}: artifact_path {dest!r} is not a "
+                               f"relative path inside the run's artifacts; nothing was "
+                               f"uploaded")
+        path = real_root / value
+        if not _inside(path, real_root):
+            raise CnnflowError(f"{where} line {number}: file {value!r} is outside the spool "
+                               f"{root}; nothing was uploaded")
+        if not path.exists():
+            raise CnnflowError(f"{where} line {number}: file {value!r} does not exist in the "
+                               f"spool {root}; nothing was uploaded")
+        outside = _first_outside(path, real_root) if path.is_dir() else None
+        if outside is not None:
+            raise CnnflowError(f"{where} line {number}: file {value!r} holds {outside!r}, "
+                               f"which is outside the spool {root}; nothing was uploaded")
+        files[number] = path
+    return files
+
+
+def _relative_posix(text: str) -> bool:
+    parts = text.split("/")
+    return bool(text) and not text.startswith("/") and "\\" not in text and ".." not in parts
+
+
+def _first_outside(directory: Path, real_root: Path) -> str | None:
+    """The first entry under `directory` (symlinked directories followed, each real one
+    once) that resolves outside `real_root`, as a path relative to `directory`."""
+    seen: set[Path] = set()
+    stack = [(directory.resolve(), "")]
+    while stack:
+        real, rel = stack.pop()
+        if real in seen:
+            continue
+        seen.add(real)
+        for entry in sorted(real.iterdir()):
+            inner = f"{rel}{entry.name}"
+            if not _inside(entry, real_root):
+                return inner
+            if entry.is_dir():
+                stack.append((entry.resolve(), f"{inner}/"))
+    return None
+
+
+def target_uri(root: Path, meta: dict[str, Any], tracking_uri: str | None,
+               to_recorded_uri: bool) -> str:
+    """--tracking-uri, else the spool's own URI when asked for, else $MLFLOW_TRACKING_URI."""
+    recorded = meta.get("tracking_uri")
+    if tracking_uri and to_recorded_uri:
+        raise CnnflowError(f"--tracking-uri {tracking_uri} and --to-recorded-uri exclude each "
+                           f"other: pass one")
+    if tracking_uri:
+        return tracking_uri
+    if to_recorded_uri:
+        if not isinstance(recorded, str) or not recorded:
+            raise CnnflowError(f"{root / META}: no tracking_uri recorded for "
+                               f"--to-recorded-uri; pass --tracking-uri URI")
+        return recorded
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    own = (f", or pass --to-recorded-uri to use the one the spool recorded ({recorded})"
+           if isinstance(recorded, str) and recorded else "")
+    raise CnnflowError(f"{root}: no tracking URI to sync into; pass --tracking-uri URI or set "
+                       f"MLFLOW_TRACKING_URI{own}")
 
 
 def _target_run(client, meta: dict[str, Any]) -> str:
@@ -115,8 +223,12 @@ def _target_run(client, meta: dict[str, Any]) -> str:
     return run.info.run_id
 
 
-def sync(spool_dir: str | Path, tracking_uri: str | None = None) -> str:
-    """Replay a spool into MLflow; return the run id it landed in."""
+def sync(spool_dir: str | Path, tracking_uri: str | None = None, *,
+         to_recorded_uri: bool = False) -> str:
+    """Replay a spool into MLflow; return the run id it landed in.
+
+    The target is `tracking_uri`, else the spool's `meta.json` URI when `to_recorded_uri`,
+    else $MLFLOW_TRACKING_URI; with none of them a one-line error says what to pass."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
@@ -127,13 +239,14 @@ def sync(spool_dir: str | Path, tracking_uri: str | None = None) -> str:
         done = json.loads((root / DONE).read_text())
         raise CnnflowError(f"{root}: already synced into run {done['run_id']} "
                            f"at {done['tracking_uri']}; delete {DONE} to sync again")
-    meta, events = read_events(root)
-    uri = resolve_tracking_uri(tracking_uri or meta.get("tracking_uri"))
+    meta, numbered = _read_numbered(root)
+    files = spool_files(root, numbered)  # all of them, before the first upload
+    uri = resolve_tracking_uri(target_uri(root, meta, tracking_uri, to_recorded_uri))
     check_reachable(uri)
     client = MlflowClient(tracking_uri=uri)
     run_id = _target_run(client, meta)
     status = None
-    for event in events:
+    for number, event in numbered:
         kind = event["kind"]
         if kind == "params":
             items = [Param(k, v) for k, v in event["params"].items()]
@@ -148,9 +261,9 @@ def sync(spool_dir: str | Path, tracking_uri: str | None = None) -> str:
                 Metric(k, float(v), event["timestamp_ms"], event["step"])
                 for k, v in event["metrics"].items()])
         elif kind == "artifact":
-            upload(client, run_id, root / event["file"], event.get("artifact_path"))
+            upload(client, run_id, files[number], event.get("artifact_path"))
         elif kind == "dataset":
-            from cnnflow.tracking.mlflow_tracker import dataset_input
+            from cnnflow.tracking.mlflow_run import dataset_input
 
             client.log_inputs(run_id, datasets=[dataset_input(event["manifest"],
                                                               event["source"],
@@ -158,15 +271,16 @@ def sync(spool_dir: str | Path, tracking_uri: str | None = None) -> str:
         elif kind == "model":
             from cnnflow.tracking.registry import log_model
 
-            log_model(root / event["file"], run_id=run_id, tracking_uri=uri,
+            log_model(files[number], run_id=run_id, tracking_uri=uri,
                       name=event["name"])
         elif kind == "status":
             status = event["status"]
     if status:
         client.set_terminated(run_id, status)
     (root / DONE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri,
-                                         "events": len(events)}) + "\n")
-    log.info("synced %d events from %s into run %s at %s", len(events), root, run_id, uri)
+                                         "recorded_tracking_uri": meta.get("tracking_uri"),
+                                         "events": len(numbered)}) + "\n")
+    log.info("synced %d events from %s into run %s at %s", len(numbered), root, run_id, uri)
     return run_id
 
 
