@@ -46,12 +46,34 @@ HTTP_RETRIES, HTTP_BACKOFF = "2", "1"
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The URI to use, creating the directory of a sqlite database."""
+    """The URI to use; a sqlite database is created (with its directory) if absent."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     db = _sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
+        ensure_sqlite_store(uri, db)
     return uri
+
+
+_READY: set[str] = set()
+
+
+def ensure_sqlite_store(uri: str, db: Path) -> None:
+    """Open the sqlite store once per process under an exclusive `<db>.lock`: MLflow
+    creates and migrates a new database on first use, and two processes doing that at
+    once make one fail ("Online migration expected to match one row")."""
+    if uri in _READY:
+        return
+    import fcntl
+
+    from mlflow import MlflowClient
+
+    if not os.access(db if db.exists() else db.parent, os.W_OK):
+        raise CnnflowError(f"{uri}: the sqlite tracking store {db} is not writable")
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    _READY.add(uri)
 
 
 def _sqlite_path(uri: str) -> Path | None:
