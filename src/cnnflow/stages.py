@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from cnnflow.config import Params, flatten
+from cnnflow.fileio import write_json
+from cnnflow.outputs import claim_output, mark_output, nested_name
 from cnnflow.tracking import NullTracker
 from cnnflow.tracking.lineage import DATASET_TAG
 
@@ -71,6 +73,7 @@ def run_prepare(params: Params) -> dict[str, Any]:
     from cnnflow.data.prepare import prepare
 
     cfg = params.prepare
+    claim_output("prepare", "prepare.out_dir", cfg.out_dir, inputs={"prepare.path": cfg.path})
     with stage_tracker(params, "prepare", out_dir=cfg.out_dir) as tracker:
         meta = prepare(cfg)
         tracker.set_tags({DATASET_TAG: meta["version"]})
@@ -84,6 +87,8 @@ def run_shard(params: Params) -> dict[str, Any]:
     from cnnflow.data.shards import write_shards
 
     out = params.shard.out_dir
+    claim_output("shard", "shard.out_dir", out,
+                 inputs={"prepare.out_dir": params.prepare.out_dir})
     with stage_tracker(params, "shard", out_dir=out) as tracker:
         manifest = write_shards(params.prepare.out_dir, out,
                                 samples_per_shard=params.shard.samples_per_shard,
@@ -98,11 +103,12 @@ def run_shard(params: Params) -> dict[str, Any]:
 
 def run_train(params: Params) -> dict[str, Any]:
     """Train in this process (one rank of torchrun / a PyTorchJob, or a world of 1)."""
+    tc = params.train
+    shards = tc.shards or params.shard.out_dir
+    _claim_train(params, shards)
     from cnnflow.data.manifest import manifest_sha256, read_manifest
     from cnnflow.train.trainer import train
 
-    tc = params.train
-    shards = tc.shards or params.shard.out_dir
     world = int(os.environ.get("WORLD_SIZE", "1"))
     version = None
     if params.tracking.enabled and int(os.environ.get("RANK", "0")) == 0:
@@ -117,8 +123,24 @@ def run_train(params: Params) -> dict[str, Any]:
         if tracker.run_id is not None:  # a tracked run (not tracking.enabled=false, rank > 0)
             record = {"run_id": tracker.run_id,
                       "model_uri": info.model_uri if info else None}
-            (Path(tc.out_dir) / "mlflow.json").write_text(json.dumps(record, indent=2) + "\n")
+            write_json(Path(tc.out_dir) / "mlflow.json", record)
     return summary
+
+
+def _claim_train(params: Params, shards: str) -> None:
+    """Check train.out_dir and checkpoint.dir on every rank (nothing is written yet, so
+    all ranks agree); rank 0 marks them."""
+    tc, cc = params.train, params.checkpoint
+    key = "train.shards" if tc.shards else "shard.out_dir"
+    nested = nested_name(cc.dir, tc.out_dir)  # checkpoint.dir=<train.out_dir>/ckpt is fine
+    apart = {} if nested else {"checkpoint.dir": cc.dir}
+    claim_output("train", "train.out_dir", tc.out_dir, inputs={key: shards, **apart},
+                 holds=(nested,) if nested else ())
+    apart = {} if nested else {"train.out_dir": tc.out_dir}
+    claim_output("checkpoint", "checkpoint.dir", cc.dir, inputs={key: shards, **apart})
+    if int(os.environ.get("RANK", "0")) == 0:
+        mark_output("train", tc.out_dir)
+        mark_output("checkpoint", cc.dir)
 
 
 def run_evaluate(params: Params, model: str = "") -> dict[str, Any]:
@@ -130,7 +152,12 @@ def run_evaluate(params: Params, model: str = "") -> dict[str, Any]:
     ec, tc = params.evaluate, params.tracking
     shards = params.train.shards or params.shard.out_dir
     source = model or ec.model or params.train.out_dir
+    reads = {"train.shards" if params.train.shards else "shard.out_dir": shards,
+             "the model": "" if "://" in source or ":/" in source else source,
+             "train.out_dir": params.train.out_dir}
+    claim_output("evaluate", "evaluate.out_dir", ec.out_dir, inputs=reads)
     version = read_manifest(shards)["dataset_version"]
+    mark_output("evaluate", ec.out_dir)
     with stage_tracker(params, "evaluate", out_dir=ec.out_dir,
                        dataset_version=version) as tracker:
         metrics = evaluate(source, shards, ec.out_dir, tracker=tracker, top_k=ec.top_k,

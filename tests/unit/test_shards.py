@@ -46,7 +46,8 @@ def test_manifest_lists_every_shard_with_counts_and_metadata(prepared, written):
     assert [s["samples"] for s in train["shards"]] == [10] * 5 + [3]
     assert train["samples"] == 53 and manifest["splits"]["test"]["samples"] == 5
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["manifest.json"] + [s["name"] for sp in manifest["splits"].values() for s in sp["shards"]]
+        [".cnnflow-owner.json", "manifest.json"]
+        + [s["name"] for sp in manifest["splits"].values() for s in sp["shards"]]
     )
 
 
@@ -194,6 +195,7 @@ def test_rewrite_replaces_old_shards(prepared, written):
     out, _ = written
     manifest = write_shards(prepared, out, samples_per_shard=100, workers=2, show_progress=False)
     assert sorted(p.name for p in out.iterdir()) == [
+        ".cnnflow-owner.json",
         "manifest.json",
         "test-000000.tar",
         "train-000000.tar",

@@ -5,7 +5,8 @@
     ds.images("train")  # read-only memmap, uint8 (N, H, W, C)
 
 Output (`out_dir`, replaced atomically): `{split}_images.npy` uint8 (N, H, W, C) and
-`{split}_labels.npy` int64 (N,) for split in train, val, test; `dataset.json`.
+`{split}_labels.npy` int64 (N,) for split in train, val, test; `dataset.json`; the
+owner marker of `cnnflow.outputs` (the stage checks `out_dir` with `claim_output` first).
 
 Split: per class, that class's indices (ascending) are permuted by a generator seeded
 with SeedSequence((seed, 3, class index)); the first round_half_up(n * train_ratio) go
@@ -34,6 +35,7 @@ from cnnflow.config import PrepareConfig
 from cnnflow.data.sources import SourceData, open_source
 from cnnflow.errors import ConfigError, DataError
 from cnnflow.fileio import atomic_dir, write_json
+from cnnflow.outputs import mark_output
 from cnnflow.progress import progress
 
 log = logging.getLogger("cnnflow")
@@ -59,6 +61,7 @@ def prepare(cfg: PrepareConfig, *, show_progress: bool | None = None) -> dict[st
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: prepare.out_dir exists and is not a directory")
     with atomic_dir(out) as tmp:
+        mark_output("prepare", tmp)
         meta = _write_dataset(cfg, tmp, show_progress)
     counts = ", ".join(f"{s} {meta['splits'][s]['count']}" for s in SPLITS)
     log.info("prepared %s (%s) -> %s, version %s", cfg.source, counts, out, meta["version"][:12])
