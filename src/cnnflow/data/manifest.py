@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tarfile
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from cnnflow.errors import ShardError
+
+log = logging.getLogger("cnnflow")
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -218,6 +222,7 @@ def verify_shards(
 
     Size, sha256 and sample count per shard: a partial copy, a flipped bit or a shard
     from another data set version fails here, naming the file, before training starts.
+    Logs the cost of each split once (on global rank 0 of a distributed run).
     """
     root = resolve_shard_dir(shard_dir_or_uri)
     manifest = load_manifest(root)
@@ -228,6 +233,11 @@ def verify_shards(
                 f"{root / MANIFEST}: no split {split!r}; "
                 f"has {', '.join(manifest['splits']) or 'none'}"
             )
-        for entry in manifest["splits"][split]["shards"]:
+        start, entries = time.perf_counter(), manifest["splits"][split]["shards"]
+        for entry in entries:
             _verify_shard(root / entry["name"], entry)
+        if os.environ.get("RANK", "0") == "0":
+            size = sum(e["bytes"] for e in entries) / 1e6
+            log.info("verified %d shards of split %s (%.1f MB) in %.2f s", len(entries),
+                     split, size, time.perf_counter() - start)
     return manifest

@@ -144,9 +144,9 @@ class ShardSet:
 def open_shards(path: str, expected_version: str = "") -> ShardSet:
     """The shard set at `path`; CnnflowError when `train.dataset_version` is set and the
     shards hold another version."""
-    from cnnflow.data.manifest import read_manifest
+    from cnnflow.data.manifest import verify_shards
 
-    shards = ShardSet(path, read_manifest(path))
+    shards = ShardSet(path, verify_shards(path, splits=["val"]))  # train: StreamBatches
     if expected_version and expected_version != shards.version:
         raise CnnflowError(
             f"train.dataset_version={expected_version[:12]}: the shards in {path} hold "
