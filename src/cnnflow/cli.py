@@ -371,6 +371,17 @@ def main() -> None:
     except KeyboardInterrupt:
         print("cnnflow: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:  # a full disk or an I/O error no stage named: still one line
+        from cnnflow.fileio import storage_reason
+
+        reason = storage_reason(exc)
+        if reason is None:
+            raise
+        where = getattr(exc, "filename", None)
+        print(f"cnnflow: error: {reason} while writing "
+              f"{where or 'an output (' + (str(exc).splitlines() or [''])[0] + ')'}",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ from pathlib import Path
 from cnnflow.errors import CnnflowError
 
 MARKER = ".cnnflow-owner.json"
-_COMMON = (re.escape(MARKER), r"mlflow-spool", r"\..+\.tmp")  # + atomic_write leftovers
+SPOOL = "mlflow-spool"
+"""The tracker's default spool inside a stage's out_dir (kept across a replace)."""
+_COMMON = (re.escape(MARKER), re.escape(SPOOL), r"\..+\.tmp")  # + atomic_write leftovers
 _SPLIT = r"(train|val|test)"
 STAGE_FILES: dict[str, tuple[str, ...]] = {
     "prepare": (r"dataset\.json", _SPLIT + r"_(images|labels)\.npy", r"\.scratch"),
@@ -174,8 +176,11 @@ def nested_name(inner: str, outer: str) -> str | None:
 
 
 def mark_output(stage: str, directory: str | os.PathLike) -> None:
-    """Write the marker of `stage` into `directory` (created if absent)."""
+    """Write the marker of `stage` into `directory` (created if absent), unless it holds
+    that marker already."""
     from cnnflow import __version__
     from cnnflow.fileio import write_json
 
-    write_json(Path(_local(directory)) / MARKER, {"stage": stage, "version": __version__})
+    path, owner = Path(_local(directory)), {"stage": stage, "version": __version__}
+    if not (path.is_dir() and read_marker(path) == owner):
+        write_json(path / MARKER, owner)

@@ -19,7 +19,7 @@ from typing import Any
 
 from cnnflow.config import Params, flatten
 from cnnflow.fileio import write_json
-from cnnflow.outputs import claim_output, mark_output, nested_name
+from cnnflow.outputs import SPOOL, claim_output, mark_output, nested_name
 from cnnflow.tracking import NullTracker
 from cnnflow.tracking.lineage import DATASET_TAG
 
@@ -46,7 +46,7 @@ def stage_tracker(params: Params, stage: str, *, out_dir: str | Path,
         stage, params=flatten(params), experiment=tc.experiment, tracking_uri=tc.uri or None,
         dataset_version=dataset_version, world_size=world_size,
         degrees=_degrees(params, world_size),
-        spool_dir=tc.spool_dir or Path(out_dir) / "mlflow-spool",
+        spool_dir=tc.spool_dir or Path(out_dir) / SPOOL,
         log_system_metrics=tc.log_system_metrics, offline=tc.offline,
         timeout_s=tc.check_timeout_s,
     )

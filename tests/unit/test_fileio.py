@@ -58,3 +58,19 @@ def test_atomic_dir_keeps_the_old_directory_when_the_block_raises(tmp_path):
         raise RuntimeError("boom")
     assert [p.name for p in out.iterdir()] == ["first"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or old copies left
+
+
+def test_atomic_dir_carries_a_spool_written_meanwhile_into_the_new_copy(tmp_path):
+    out = tmp_path / "out"
+    (out / "mlflow-spool").mkdir(parents=True)
+    (out / "mlflow-spool" / "events.jsonl").write_text("{}\n")
+    (out / "old.npy").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(out, keep=("mlflow-spool",)) as tmp:
+        (tmp / "new.npy").write_text("new")
+        raise RuntimeError("the stage failed")
+    assert sorted(p.name for p in out.iterdir()) == ["mlflow-spool", "old.npy"]
+    with atomic_dir(out, keep=("mlflow-spool",)) as tmp:
+        (tmp / "new.npy").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["mlflow-spool", "new.npy"]
+    assert (out / "mlflow-spool" / "events.jsonl").read_text() == "{}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

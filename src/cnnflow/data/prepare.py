@@ -35,7 +35,7 @@ from cnnflow.config import PrepareConfig
 from cnnflow.data.sources import SourceData, open_source
 from cnnflow.errors import ConfigError, DataError
 from cnnflow.fileio import atomic_dir, write_json
-from cnnflow.outputs import mark_output
+from cnnflow.outputs import SPOOL, mark_output
 from cnnflow.progress import progress
 
 log = logging.getLogger("cnnflow")
@@ -60,7 +60,7 @@ def prepare(cfg: PrepareConfig, *, show_progress: bool | None = None) -> dict[st
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: prepare.out_dir exists and is not a directory")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, keep=(SPOOL,)) as tmp:
         mark_output("prepare", tmp)
         meta = _write_dataset(cfg, tmp, show_progress)
     counts = ", ".join(f"{s} {meta['splits'][s]['count']}" for s in SPLITS)

@@ -36,7 +36,7 @@ import numpy as np
 from cnnflow.data.manifest import FORMAT, MANIFEST, read_json
 from cnnflow.errors import ShardError
 from cnnflow.fileio import atomic_dir, write_json
-from cnnflow.outputs import mark_output
+from cnnflow.outputs import SPOOL, mark_output
 from cnnflow.progress import progress
 
 SPLITS = ("train", "val", "test")
@@ -275,7 +275,7 @@ def write_shards(
         raise ShardError(f"samples_per_shard: expected an int >= 1, got {samples_per_shard}")
     prepared, out = Path(prepared_dir), Path(out_dir)
     meta = _read_dataset_json(prepared)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, keep=(SPOOL,)) as tmp:
         mark_output("shard", tmp)
         tasks = _plan_tasks(prepared, meta, tmp, samples_per_shard)
         entries = _run_tasks(tasks, workers, show_progress)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cnnflow.fileio import atomic_write, write_json
+from cnnflow.fileio import atomic_write, raise_storage, write_json
 from cnnflow.tracking.base import NullTracker
 
 STEP_COLUMNS = {"train/step_loss": "loss", "train/lr": "lr"}
@@ -77,8 +77,12 @@ class FileTracker(NullTracker):
                                                 step=step))
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
-        with open(self.out_dir / name, "a") as fh:  # a line per call: complete if killed
-            fh.write(json.dumps(row) + "\n")
+        try:
+            with open(self.out_dir / name, "a") as fh:  # a line per call: complete if killed
+                fh.write(json.dumps(row) + "\n")
+        except OSError as exc:
+            raise_storage(exc, f"appending to {self.out_dir / name}")
+            raise
 
     def save_model(self, state_dict: dict[str, Any], meta: dict[str, Any]) -> Path:
         """model.pt (the single-device state dict) + model.json (`meta`: model config,
@@ -87,7 +91,7 @@ class FileTracker(NullTracker):
         import torch
 
         path = self.out_dir / self.MODEL
-        atomic_write(path, lambda f: torch.save(state_dict, f))
+        atomic_write(path, lambda f: torch.save(state_dict, f), what="model")
         write_json(self.out_dir / self.MODEL_META, meta)
         return path
 

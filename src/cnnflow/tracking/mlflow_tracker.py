@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnflow.errors import CnnflowError
+from cnnflow.fileio import raise_storage, storage_reason
 from cnnflow.tracking.lineage import detect_runner, lineage_tags
 from cnnflow.tracking.mlflow_run import MlflowTracker
 
@@ -66,14 +67,36 @@ def ensure_sqlite_store(uri: str, db: Path) -> None:
         return
     import fcntl
 
+    # MLflow logs a full disk under its store as a traceback before raising it; the
+    # raised error becomes one line (store_faults), so its traceback is not shown
+    logging.getLogger("mlflow.store.db.utils").addFilter(_not_a_storage_fault)
+
     from mlflow import MlflowClient
 
     if not os.access(db if db.exists() else db.parent, os.W_OK):
         raise CnnflowError(f"{uri}: the sqlite tracking store {db} is not writable")
-    with open(db.with_name(db.name + ".lock"), "a") as lock:
+    with store_faults(uri), open(db.with_name(db.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     _READY.add(uri)
+
+
+def _not_a_storage_fault(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and storage_reason(record.exc_info[1]))
+
+
+@contextlib.contextmanager
+def store_faults(uri: str) -> Iterator[None]:
+    """A full disk or an I/O error under the store ("database or disk is full", "disk I/O
+    error", ENOSPC) as one line naming it, instead of MLflow's or SQLAlchemy's trace."""
+    try:
+        yield
+    except CnnflowError:
+        raise
+    except Exception as exc:
+        db = _sqlite_path(uri)
+        raise_storage(exc, f"writing the tracking store {db if db is not None else uri}")
+        raise
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -214,10 +237,16 @@ def start_parent_run(*, experiment: str = "cnnflow", run_name: str | None = None
     `dvc repro`, finds the same parent), else a new run. A found parent is RUNNING again
     while a stage runs. The id is exported to `$CNNFLOW_PARENT_RUN_ID` for child processes.
     """
+    uri = _prepare(tracking_uri, offline, timeout_s)
+    with store_faults(uri):
+        return _start_parent_run(uri, experiment, run_name, runner, pipeline_key)
+
+
+def _start_parent_run(uri: str, experiment: str, run_name: str | None, runner: str | None,
+                      pipeline_key: str | None) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    uri = _prepare(tracking_uri, offline, timeout_s)
     client = MlflowClient(tracking_uri=uri)
     given = os.environ.get(PARENT_ENV)
     if given:
@@ -267,10 +296,23 @@ def stage_run(stage: str, *, params: dict[str, Any] | None = None,
               timeout_s: float = 5.0) -> MlflowTracker:
     """Open a child run for `stage` under the pipeline's parent run and log its config
     (flattened params) and lineage tags. Fails with one line, before any work, when the
-    tracking server is unreachable (unless `offline`)."""
+    tracking server is unreachable (unless `offline`) or its store's disk is full."""
+    uri = _prepare(tracking_uri, offline, timeout_s)
+    with store_faults(uri):
+        return _stage_run(stage, uri=uri, params=params, parent_run_id=parent_run_id,
+                          experiment=experiment, runner=runner,
+                          dataset_version=dataset_version, world_size=world_size,
+                          degrees=degrees, spool_dir=spool_dir,
+                          log_system_metrics=log_system_metrics, timeout_s=timeout_s)
+
+
+def _stage_run(stage: str, *, uri: str, params: dict[str, Any] | None,
+               parent_run_id: str | None, experiment: str, runner: str | None,
+               dataset_version: str | None, world_size: int | None,
+               degrees: dict[str, int] | None, spool_dir: str | Path | None,
+               log_system_metrics: bool, timeout_s: float) -> MlflowTracker:
     from mlflow import MlflowClient
 
-    uri = _prepare(tracking_uri, offline, timeout_s)
     runner = runner or detect_runner()
     client = MlflowClient(tracking_uri=uri)
     parent = parent_run_id

@@ -94,7 +94,7 @@ def deferred_sigint() -> Iterator[None]:
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to `path` so that readers see the old file or the whole new one."""
     with deferred_sigint():
-        atomic_write(path, lambda f: torch.save(obj, f))  # temp file, fsync, rename
+        atomic_write(path, lambda f: torch.save(obj, f), what="checkpoint")  # tmp+rename
 
 
 class Checkpointer:
