@@ -94,7 +94,7 @@ def _holds_cwd(out: Path) -> str | None:
     return None
 
 
-def _overlap(key: str, raw: str, out: Path, inputs: dict[str, str]) -> None:
+def _overlap(key: str, raw: str, out: Path, inputs: dict[str, str], what: str) -> None:
     for name, value in inputs.items():
         if not value or "://" in value and not value.startswith("file://"):
             continue
@@ -102,8 +102,8 @@ def _overlap(key: str, raw: str, out: Path, inputs: dict[str, str]) -> None:
         where = ("is" if out == src else "holds" if out in src.parents
                  else "lies inside" if src in out.parents else "")
         if where:
-            raise OutputError(f"{key} {raw} {where} {name} {value}, which the stage reads; "
-                              "choose a directory apart from it")
+            raise OutputError(f"{key} {raw} {where} {name} {value}, {what}; choose a "
+                              "directory apart from it")
 
 
 def _describe(names: list[str]) -> str:
@@ -127,12 +127,13 @@ def _other_stage(directory: Path, stage: str) -> str | None:
 
 
 def claim_output(stage: str, key: str, path: str | os.PathLike, *,
-                 inputs: dict[str, str] | None = None, holds: tuple[str, ...] = ()) -> Path:
+                 inputs: dict[str, str] | None = None, apart: dict[str, str] | None = None,
+                 holds: tuple[str, ...] = ()) -> Path:
     """Check that `stage` may write `path` (the value of params key `key`); its Path.
 
     Raises OutputError naming the path otherwise; writes nothing. `inputs` (params key
-    -> path) are what the stage reads, and other outputs it must stay apart from; `holds`
-    names entries of another output of the stage nested in this one (see `nested_name`).
+    -> path) are what the stage reads, `apart` its other outputs; `holds` names entries
+    of another output of the stage nested in this one (see `nested_name`).
     """
     raw = _local(path)
     if not raw.strip():
@@ -141,7 +142,8 @@ def claim_output(stage: str, key: str, path: str | os.PathLike, *,
     where = _holds_cwd(out)
     if where:
         raise OutputError(f"{key} {raw} {where}; choose a directory of its own")
-    _overlap(key, raw, out, inputs or {})
+    _overlap(key, raw, out, inputs or {}, "which the stage reads")
+    _overlap(key, raw, out, apart or {}, "another output of the stage")
     if not out.exists():
         return out
     if not out.is_dir():

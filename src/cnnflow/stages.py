@@ -133,11 +133,11 @@ def _claim_train(params: Params, shards: str) -> None:
     tc, cc = params.train, params.checkpoint
     key = "train.shards" if tc.shards else "shard.out_dir"
     nested = nested_name(cc.dir, tc.out_dir)  # checkpoint.dir=<train.out_dir>/ckpt is fine
-    apart = {} if nested else {"checkpoint.dir": cc.dir}
-    claim_output("train", "train.out_dir", tc.out_dir, inputs={key: shards, **apart},
+    claim_output("train", "train.out_dir", tc.out_dir, inputs={key: shards},
+                 apart={} if nested else {"checkpoint.dir": cc.dir},
                  holds=(nested,) if nested else ())
-    apart = {} if nested else {"train.out_dir": tc.out_dir}
-    claim_output("checkpoint", "checkpoint.dir", cc.dir, inputs={key: shards, **apart})
+    claim_output("checkpoint", "checkpoint.dir", cc.dir, inputs={key: shards},
+                 apart={} if nested else {"train.out_dir": tc.out_dir})
     if int(os.environ.get("RANK", "0")) == 0:
         mark_output("train", tc.out_dir)
         mark_output("checkpoint", cc.dir)

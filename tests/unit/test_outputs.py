@@ -147,7 +147,8 @@ def test_train_refuses_an_empty_out_dir_and_checkpoints_inside_its_shards(ws):
     assert line == ("checkpoint.dir data/shards/ckpt lies inside shard.out_dir data/shards, "
                     "which the stage reads; choose a directory apart from it")
     line = refused(ws, "train", "checkpoint.dir=outputs/train")
-    assert line.startswith("train.out_dir outputs/train is checkpoint.dir outputs/train")
+    assert line == ("train.out_dir outputs/train is checkpoint.dir outputs/train, another "
+                    "output of the stage; choose a directory apart from it")
 
 
 def test_evaluate_refuses_to_write_reports_into_its_inputs(ws):
@@ -157,3 +158,18 @@ def test_evaluate_refuses_to_write_reports_into_its_inputs(ws):
     line = refused(ws, "evaluate", "evaluate.out_dir=outputs/train/reports")
     assert line.startswith("evaluate.out_dir outputs/train/reports lies inside the model "
                            "outputs/train")
+
+
+def test_checkpoints_nested_in_the_train_dir_belong_to_it(tmp_path, monkeypatch):
+    """checkpoint.dir=<train.out_dir>/ckpt (the benchmarks' layout) from an older run."""
+    from cnnflow.outputs import OutputError, claim_output, nested_name
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / "ckpt").mkdir(parents=True)
+    (tmp_path / "run" / "model.pt").write_bytes(b"m")
+    (tmp_path / "run" / "ckpt" / "step-00000001.pt").write_bytes(b"c")
+    assert nested_name("run/ckpt", "run") == "ckpt" and nested_name("run", "run") is None
+    assert claim_output("train", "train.out_dir", "run", holds=("ckpt",)) == tmp_path / "run"
+    assert claim_output("checkpoint", "checkpoint.dir", "run/ckpt") == tmp_path / "run/ckpt"
+    with pytest.raises(OutputError, match=r"holds files cnnflow did not write \(ckpt/\)"):
+        claim_output("train", "train.out_dir", "run")
