@@ -34,11 +34,12 @@ FULL = r"(no space left on device|file too large for the file system or its limi
 
 
 @contextlib.contextmanager
-def small_fs(where: Path) -> Iterator[bool]:
-    """A 4 MiB tmpfs at `where`: True; or, where mounting fails, a plain directory: False
-    (then `fill` limits the command's file sizes instead)."""
+def small_fs(where: Path, size: str = "4m") -> Iterator[bool]:
+    """A small tmpfs at `where`: True; or, where mounting fails, a plain directory: False
+    (then the test limits the command's file sizes instead)."""
     where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                              str(where)],
                              capture_output=True).returncode == 0
     try:
         yield mounted
@@ -135,3 +136,24 @@ def test_a_full_tracking_store_is_one_line_and_keeps_its_runs(tmp_path):
             [MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
              .get_experiment_by_name("cnnflow").experiment_id])
         assert [(r.info.run_name, r.info.status) for r in runs] == [("prepare", "FINISHED")]
+
+
+def test_shards_on_a_full_disk_are_one_line_and_the_old_ones_stay(digits_shards, tmp_path):
+    prepared = digits_shards.parent / "prepared"
+    with small_fs(tmp_path / "fs", size="16m") as mounted:
+        out = tmp_path / "fs" / "shards"
+        sets = ("--set", "tracking.enabled=false", "--set", f"prepare.out_dir={prepared}",
+                "--set", f"shard.out_dir={out}", "--set", "shard.workers=1")
+        first = cnnflow("shard", *sets, cwd=tmp_path)
+        assert first.returncode == 0, first.stderr
+        before = digests(out)
+        if mounted:
+            fill(tmp_path / "fs")
+        done = cnnflow("shard", *sets, "--set", "shard.samples_per_shard=100", cwd=tmp_path,
+                       limit=None if mounted else 1)
+        assert done.returncode == 1, done.stderr
+        assert re.fullmatch(rf"cnnflow: error: {FULL} while writing "
+                            rf"{re.escape(str(out))} \(left as it was\)", error_line(done))
+        assert digests(out) == before
+        assert sorted(p.name for p in (tmp_path / "fs").iterdir()) == (
+            ["filler", "shards"] if mounted else ["shards"])
