@@ -137,13 +137,13 @@ def init_distributed(backend: str = "auto", timeout_s: float = 60.0, threads: in
         store = _store(addr, int(port), rank, world, timeout)
         dist.init_process_group(name, store=store, rank=rank, world_size=world,
                                 timeout=timeout)
+        _exchange_addresses(store, rank, world, addr, int(port))
     except (RuntimeError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise DistributedInitError(
             f"could not form the process group at MASTER_ADDR={addr} MASTER_PORT={port} "
             f"(rank {rank} of {world}) within parallel.init_timeout_s={timeout_s:g}s: {first}"
         ) from None
-    _exchange_addresses(store, rank, world, addr, int(port))
     log.info("rank %d/%d joined %s group (local %d/%d)", rank, world, name, local_rank,
              local_world)
     return env
