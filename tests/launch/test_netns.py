@@ -14,6 +14,7 @@ Needs root (`ip netns`); where namespaces cannot be made the test fails, saying 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -99,6 +100,8 @@ def _remove(net: TwoHosts) -> None:
     for ns in net.names:  # deleting a namespace deletes the veth end in it, and its peer
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
+    with contextlib.suppress(OSError):  # only if empty: the namespaces' files are gone
+        Path("/etc/netns").rmdir()
 
 
 class Events:
