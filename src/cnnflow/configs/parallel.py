@@ -37,7 +37,9 @@ class ParallelConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """auto = nccl on CUDA, gloo on CPU."""
     init_timeout_s: float = 60.0
-    """Seconds to wait for MASTER_ADDR:MASTER_PORT and every rank before failing."""
+    """Seconds to wait for MASTER_ADDR:MASTER_PORT and every rank before failing, and the
+    process group's timeout for every collective: a peer silent this long (a link down)
+    fails the step with one line naming it, instead of hanging."""
     bucket_mb: float = 25.0
     """DDP gradient bucket in MiB (25 = DDP's default; smaller buckets start all-reduce
     earlier in backward but cost more calls)."""

@@ -14,6 +14,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,18 @@ log = logging.getLogger("cnnflow")
 
 class DistributedInitError(CnnflowError):
     """The process group could not be formed (master unreachable, ranks missing)."""
+
+
+class LostContactError(CnnflowError):
+    """A collective failed: a peer stopped answering (link down, host gone) for the
+    process group's timeout, or closed its connection."""
+
+
+# What gloo's TCP transport says when a peer is silent for the timeout or goes away.
+_GLOO_LOST = re.compile(r"Timed out waiting \d+ms for \w+ operation|Connection (reset|closed) "
+                        r"by peer|Read error|Write error|Connection refused|No route to host")
+# Each rank's address as the others reach it, exchanged when the group forms.
+_ADDRESSES: dict[int, str] = {}
 
 
 @dataclass(frozen=True)
@@ -123,6 +137,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 60.0, threads: in
         store = _store(addr, int(port), rank, world, timeout)
         dist.init_process_group(name, store=store, rank=rank, world_size=world,
                                 timeout=timeout)
+        _exchange_addresses(store, rank, world, addr, int(port))
     except (RuntimeError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise DistributedInitError(
@@ -132,6 +147,41 @@ def init_distributed(backend: str = "auto", timeout_s: float = 60.0, threads: in
     log.info("rank %d/%d joined %s group (local %d/%d)", rank, world, name, local_rank,
              local_world)
     return env
+
+
+def _exchange_addresses(store: dist.Store, rank: int, world: int, addr: str,
+                        port: int) -> None:
+    """Record every rank's address (the one its traffic to the master leaves from), for
+    naming the peer a collective lost (`lost_contact`)."""
+    try:
+        family = socket.getaddrinfo(addr, port, type=socket.SOCK_DGRAM)[0][0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:  # sends nothing
+            probe.connect((addr, port))
+            mine = probe.getsockname()[0]
+    except OSError:
+        mine = "?"
+    store.set(f"addr/{rank}", mine)
+    _ADDRESSES.clear()
+    _ADDRESSES.update({r: store.get(f"addr/{r}").decode() for r in range(world)})
+
+
+def lost_contact(exc: BaseException, env: DistEnv, timeout_s: float
+                 ) -> LostContactError | None:
+    """One line for a collective that failed because a peer went silent or away (gloo's
+    transport errors); None for any other error, which stays what it is."""
+    text = str(exc)
+    found = _GLOO_LOST.search(text)
+    if not env.distributed or found is None:
+        return None
+    peers = [r for r in range(env.world_size) if r != env.rank]
+    who = ", ".join(f"rank {r} ({_ADDRESSES.get(r, '?')})" for r in peers[:4])
+    who += f" and {len(peers) - 4} more" if len(peers) > 4 else ""
+    what = (f"for {timeout_s:g} s" if found.group(0).startswith("Timed out")
+            else f"({found.group(0).lower()})")
+    return LostContactError(
+        f"rank {env.rank} ({_ADDRESSES.get(env.rank, '?')}) lost contact with {who} {what} "
+        f"during a collective; check the network between the nodes (the limit is "
+        f"parallel.init_timeout_s={timeout_s:g})")
 
 
 def _store(addr: str, port: int, rank: int, world: int,

@@ -34,6 +34,8 @@ codes (>= 128: killed by a signal), never under Never; runPolicy.backoffLimit ca
 restarts of the whole job and activeDeadlineSeconds its wall time. When the job fails,
 the other replicas are terminated (SIGTERM, then SIGKILL after `kill_grace_s`).
 Difference: with restartPolicy Always a replica that exits 0 is not restarted.
+Placement: `hosts` ({replica label: cnnflow.launch.hosts.Host}) runs replicas behind an
+argv prefix (e.g. `ip netns exec NS`) with their pods' addresses there instead of 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnflow.launch import operator
+from cnnflow.launch.hosts import Host, addr_of, check_hosts, placed_env
 from cnnflow.launch.validate import ManifestError, load_documents, validate_pytorchjob
 
 log = logging.getLogger("cnnflow")
@@ -127,7 +130,9 @@ class LocalJob:
     def __init__(self, source: Any, *, mounts: Mapping[str, str] | None = None,
                  env: Mapping[str, str] | None = None, workdir: str | Path | None = None,
                  echo: Callable[[str], None] | None = None, kill_grace_s: float = 10.0,
-                 finish_grace_s: float = 60.0) -> None:
+                 finish_grace_s: float = 60.0, hosts: Mapping[str, Host] | None = None
+                 ) -> None:
+        self.hosts = dict(hosts or {})
         self.doc, self.config_maps = _split(source)
         validate_pytorchjob(self.doc)
         self.doc = operator.with_defaults(self.doc)
@@ -151,6 +156,7 @@ class LocalJob:
                         spec["pytorchReplicaSpecs"]["Worker"]["replicas"])
         try:
             self.replicas = self._plan()
+            check_hosts(self.hosts, [r.label for r in self.replicas], self.name)
         except ManifestError:
             if self._own_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
@@ -233,7 +239,8 @@ class LocalJob:
             for index in range(int(rspec["replicas"])):
                 label = f"{rtype.lower()}-{index}"
                 rewrite = self._rewriter(self._volume_dirs(pod, container, label))
-                fields = operator.pod_fields(self.doc, rtype, index)
+                fields = {**operator.pod_fields(self.doc, rtype, index),
+                          "status.podIP": addr_of(self.hosts, label)}
                 values, unset = operator.container_env(container.get("env"), fields,
                                                        self.config_maps)
                 if unset:
@@ -241,12 +248,14 @@ class LocalJob:
                                 "resolved locally", self.name, label, ", ".join(unset),
                                 ", ".join(sorted(set(unset.values()))))
                 env = {k: rewrite(v) for k, v in values.items()}
-                env.update(operator.pod_env(self.doc, rtype, index, master_port, rdzv_port))
+                env.update(placed_env(operator.pod_env(self.doc, rtype, index, master_port,
+                                                       rdzv_port), self.hosts))
                 argv = [rewrite(a) for a in command]
                 if argv[0] in ("python", "python3"):
                     argv[0] = sys.executable
                 elif argv[0] == "torchrun":
                     argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
+                argv[:0] = self.hosts[label].prefix if label in self.hosts else ()
                 cwd = rewrite(container.get("workingDir") or str(self.workdir))
                 Path(cwd).mkdir(parents=True, exist_ok=True)
                 inherited = {k: v for k, v in base.items() if k not in unset}  # "not set"

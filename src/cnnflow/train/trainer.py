@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from cnnflow.config import OptimConfig, Params, TrainConfig
-from cnnflow.distributed.env import DistEnv, init_distributed, shutdown
+from cnnflow.distributed.env import DistEnv, init_distributed, lost_contact, shutdown
 from cnnflow.distributed.mesh import resolve_degrees
 from cnnflow.distributed.parallelize import log_plan, parallelize
 from cnnflow.distributed.strategy import Strategy
@@ -55,6 +55,11 @@ def train(params: Params, *, tracker: Tracker | None = None, env: DistEnv | None
     env = env or init_distributed(pc.backend, pc.init_timeout_s, tc.threads)
     try:
         return _train(params, env, tracker if env.is_main and tracker else NullTracker())
+    except RuntimeError as exc:  # gloo's transport errors are bare RuntimeErrors
+        lost = lost_contact(exc, env, pc.init_timeout_s)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         shutdown()
 
