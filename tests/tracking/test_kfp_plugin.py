@@ -158,6 +158,7 @@ def _operator(pod_dir: Path, seen: dict):
     return play
 
 
+@pytest.mark.slow
 def test_the_training_pods_and_evaluate_log_into_the_kfp_tree(kfp_backend, shards, tmp_path,
                                                               monkeypatch):
     from cnnflow.data.manifest import read_manifest

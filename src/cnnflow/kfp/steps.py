@@ -120,7 +120,7 @@ def enter(params_text: str, *, workspace: str, kfp_run_id: str = "",
     tc = params.tracking
     if not tc.enabled:
         return params
-    from cnnflow.tracking.mlflow_tracker import kfp_task_run, start_parent_run
+    from cnnflow.tracking.mlflow_tracker import check_reachable, kfp_task_run, start_parent_run
 
     cluster_uri = params.launch.tracking_uri if runner == "kfp" else ""
     uri = _absolute_uri(tc.uri or os.environ.get("MLFLOW_TRACKING_URI") or cluster_uri
@@ -128,7 +128,9 @@ def enter(params_text: str, *, workspace: str, kfp_run_id: str = "",
     os.environ["MLFLOW_TRACKING_URI"] = uri
     params = dataclasses.replace(params, tracking=dataclasses.replace(tc, uri=uri))
     if os.environ.get(TASK_RUN_ENV, "").strip():  # KFP's MLflow plugin owns the parent
-        kfp_task_run(uri)
+        if not tc.offline:  # one line within seconds, not the client's minutes of retries
+            check_reachable(uri, tc.check_timeout_s)
+            kfp_task_run(uri)
         return params
     start_parent_run(experiment=tc.experiment, runner=runner, pipeline_key=key or None,
                      tracking_uri=uri,
