@@ -106,13 +106,24 @@ def test_a_stage_logs_as_a_child_of_the_kfp_task_run(kfp_backend, tmp_path):
 def test_an_unknown_task_run_is_one_line_naming_it_and_the_server(kfp_backend, tmp_path):
     kfp_backend.task("prepare")
     missing = uuid.uuid4().hex
-    os.environ["MLFLOW_RUN_ID"] = missing  # kfp_backend's monkeypatch restores it
+    os.environ["MLFLOW_RUN_ID"] = missing  # kfp_backend's monkeypatch restores these
     done = cnnflow("prepare", "--set", "prepare.source=synthetic", "--set",
                    "prepare.num_images=200", "--set", "prepare.workers=1", cwd=tmp_path)
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(f"cnnflow: error: MLFLOW_RUN_ID={missing}: no such run at "
                            f"{kfp_backend.uri} ("), line
+    assert not (tmp_path / "data" / "prepared").exists()
+
+    task = kfp_backend.task("prepare")
+    other = kfp_backend.client.create_experiment(f"kfp-other-{uuid.uuid4().hex[:8]}")
+    os.environ["MLFLOW_EXPERIMENT_ID"] = other
+    done = cnnflow("prepare", "--set", "prepare.source=synthetic", "--set",
+                   "prepare.num_images=200", "--set", "prepare.workers=1", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"cnnflow: error: MLFLOW_RUN_ID={task} is in experiment {kfp_backend.experiment} at "
+        f"{kfp_backend.uri}, not MLFLOW_EXPERIMENT_ID={other}"]
     assert not (tmp_path / "data" / "prepared").exists()
 
 
