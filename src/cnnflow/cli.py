@@ -290,6 +290,11 @@ def launch(
                               run_id=run_id), nl=False)
 
 
+ImageOpt = Annotated[str, typer.Option(
+    "--image", help="Image of every step and of the training job (launch.image), with a tag "
+                    "or digest; default: the local tag cnnflow:0.1.0 (compile) or "
+                    "launch.image (submit).")]
+
 pipeline_app = typer.Typer(
     help="The Kubeflow pipeline: compile it, run it with kfp.local, submit it to a cluster.",
     no_args_is_help=True,
@@ -302,11 +307,12 @@ def pipeline_compile(
     out: Annotated[Path, typer.Option(
         "--out", "-o", help="YAML to write (the committed copy is the default).")] = Path(
         "pipelines/compiled/cnn_training.yaml"),
+    image: ImageOpt = "",
 ) -> None:
     """Compile the training pipeline (commit pipelines/compiled/cnn_training.yaml)."""
     from cnnflow.pipeline import compile_pipeline
 
-    typer.echo(f"compiled the pipeline -> {compile_pipeline(out)}")
+    typer.echo(f"compiled the pipeline -> {compile_pipeline(out, image=image)}")
 
 
 @pipeline_app.command("run")
@@ -342,6 +348,7 @@ def pipeline_submit(
     service_account: Annotated[str, typer.Option(
         "--service-account", help="Service account the steps run as (default: KFP's); the "
                                   "train step needs the cnnflow-launcher Role's rights.")] = "",
+    image: ImageOpt = "",
     params: ParamsOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -351,7 +358,8 @@ def pipeline_submit(
 
     p = _params(params, ["launch.backend=kubernetes", *(set_ or [])])
     typer.echo(submit(p, host=host, experiment=experiment, run_name=run_name,
-                      namespace=namespace or None, service_account=service_account or None))
+                      namespace=namespace or None, service_account=service_account or None,
+                      image=image))
 
 
 def main_train() -> None:

@@ -1,6 +1,6 @@
 """`cnnflow pipeline compile | run | submit`: the KFP pipeline from the command line.
 
-    compile_pipeline("pipelines/compiled/cnn_training.yaml")
+    compile_pipeline("pipelines/compiled/cnn_training.yaml", image="cnnflow:0.1.0")
     run_local(load_params("params.yaml", ["train.epochs=2"]), workspace=".")   # make run
     submit(params, host="http://localhost:8080", experiment="cnnflow")
 
@@ -14,6 +14,10 @@ the PyTorchJob with launch.backend (local: processes here).
 
 `submit` validates the parameters, checks that the host answers (a few seconds at most),
 compiles, and starts a run with kfp.Client; it returns the run's URL.
+
+One image: `image` (compile and submit; default the local tag cnnflow:0.1.0) is every
+step's container image and launch.image, the training job's: `submit` also passes it as
+the run's launch_image argument. An image without a tag or digest is refused in one line.
 """
 
 from __future__ import annotations
@@ -53,15 +57,19 @@ _STARTED = re.compile(r"Executing task '([\w-]+)'")
 _FINISHED = re.compile(r"Task '([\w-]+)' finished with status (\w+)")
 
 
-def compile_pipeline(path: str | Path = COMPILED) -> Path:
-    """Write the pipeline's YAML (the committed copy is pipelines/compiled/cnn_training.yaml)."""
+def compile_pipeline(path: str | Path = COMPILED, *, image: str = "") -> Path:
+    """Write the pipeline's YAML (the committed copy is pipelines/compiled/cnn_training.yaml,
+    with the default image); `image`: the steps' and the job's image (default the local
+    tag, `components.BASE_IMAGE`)."""
     from kfp import compiler
 
-    from cnnflow.kfp.cnn_training import cnn_training
+    from cnnflow.kfp.cnn_training import build_pipeline, cnn_training
+    from cnnflow.kfp.components import BASE_IMAGE
 
+    pipeline = cnn_training if image in ("", BASE_IMAGE) else build_pipeline(image=image)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(cnn_training, str(path))
+    compiler.Compiler().compile(pipeline, str(path))
     return path
 
 
@@ -299,15 +307,24 @@ def _check_host(host: str, timeout_s: float) -> None:
 
 def submit(params: Params, *, host: str, experiment: str = "cnnflow", run_name: str = "",
            namespace: str | None = None, service_account: str | None = None,
-           workspace: str = "/workspace", timeout_s: float = CONNECT_TIMEOUT_S) -> str:
-    """Start a run of the pipeline at the KFP endpoint `host`; return the run's URL."""
+           workspace: str = "/workspace", image: str = "",
+           timeout_s: float = CONNECT_TIMEOUT_S) -> str:
+    """Start a run of the pipeline at the KFP endpoint `host`; return the run's URL.
+    `image` (default launch.image): the steps' image and the run's launch.image."""
+    import dataclasses
+
+    from cnnflow.configs.launch import check_image
+
+    image = check_image(image, "--image") if image else params.launch.image
+    params = dataclasses.replace(params, launch=dataclasses.replace(params.launch,
+                                                                    image=image))
     _check_host(host, timeout_s)
     import kfp
 
     arguments = {**to_arguments(params), WORKSPACE: workspace}
     run_name = run_name or f"cnn-training-{time.strftime('%Y%m%d-%H%M%S')}"
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(Path(tmp) / "cnn_training.yaml")
+        package = compile_pipeline(Path(tmp) / "cnn_training.yaml", image=image)
         try:
             client = kfp.Client(host=host, namespace=namespace)
             result = client.create_run_from_pipeline_package(

@@ -35,7 +35,9 @@ def _degrees(params: Params, world_size: int) -> dict[str, int]:
 @contextmanager
 def stage_tracker(params: Params, stage: str, *, out_dir: str | Path,
                   dataset_version: str | None = None, world_size: int = 1) -> Iterator[Any]:
-    """A child run for `stage` (a NullTracker when tracking is off or on ranks > 0)."""
+    """A child run for `stage` of the pipeline's parent run, or of KFP's task run under
+    its MLflow plugin (`$MLFLOW_RUN_ID`); a NullTracker when tracking is off or on
+    ranks > 0."""
     tc = params.tracking
     if not tc.enabled or int(os.environ.get("RANK", "0")) != 0:
         yield NullTracker()

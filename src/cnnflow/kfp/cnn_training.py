@@ -3,6 +3,7 @@
     from cnnflow.kfp.cnn_training import cnn_training, build_pipeline
     kfp.compiler.Compiler().compile(cnn_training, "pipelines/compiled/cnn_training.yaml")
     build_pipeline(local=True)(**arguments)      # under kfp.local: see cnnflow.pipeline
+    build_pipeline(image="registry.example/team/cnnflow:1.2")   # another image
 
 Parameters: one per params.yaml key (`prepare.seed` -> `prepare_seed`; int, float, bool,
 str, list), with the dataclass defaults of `Params()`, plus `workspace` (default
@@ -17,7 +18,29 @@ launch.memory and launch.gpus); retries with exponential backoff for transient f
 it); KFP_RUN_ID and CNNFLOW_RUNNER in the environment (kfp.local: `run_local` exports
 KFP_RUN_ID, since kfp.local does not resolve placeholders in environment values). The
 cached steps get no run-specific input, or no run would ever hit the cache. `finish` is
-the exit handler: it closes the MLflow parent run FINISHED or FAILED whatever happened.
+the exit handler: it closes the MLflow parent run FINISHED or FAILED whatever happened
+(under KFP's MLflow plugin the backend owns and closes it: see cnnflow.kfp.steps).
+
+One image: `image` (default `components.BASE_IMAGE`, the local tag cnnflow:0.1.0) is every
+step's container image and the default of the `launch_image` parameter, the training
+job's image, so the steps and the pods run the same code. A run may still pass another
+launch_image; `cnnflow pipeline submit --image` sets both.
+
+Pod security (cluster): every step runs as uid/gid 1000, runAsNonRoot
+(`kubernetes.set_security_context`, what kfp-kubernetes 2.17 offers); the KFP 2.17
+backend's compiler adds allowPrivilegeEscalation: false, capabilities drop ALL and seccomp
+RuntimeDefault to every container it runs. kfp-kubernetes has no readOnlyRootFilesystem
+setting, so the steps' root filesystem stays writable (the training pods' is read-only);
+manifests/README.md says what the namespace enforces.
+
+Why not `dsl.TaskConfig` passthrough (kfp >= 2.15) for the job's resources and env: the
+job's resources are run parameters (launch.cpu, launch.memory, launch.gpus, per replica)
+that `cnnflow launch`, the local backend and kfp.local render identically, while
+TaskConfig is filled only by a KFP backend's driver, from the train step's own
+compile-time requests, which would then be the pods' (or, with apply_to_task, both).
+Its ENV passthrough would carry the plugin's credential `secretKeyRef`s to the pods
+(today only MLFLOW_WORKSPACE and MLFLOW_TRACKING_AUTH travel, in `launch.identity`); that
+needs the job renderer to accept `valueFrom` entries and is not done.
 """
 
 from __future__ import annotations
@@ -27,8 +50,9 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 
+from cnnflow.configs.launch import check_image
 from cnnflow.kfp import components as c
-from cnnflow.kfp.params import WORKSPACE, encode, pipeline_parameters
+from cnnflow.kfp.params import WORKSPACE, encode, kfp_name, pipeline_parameters
 
 NAME = "cnn-training"
 DESCRIPTION = ("cnnflow: versioned data -> WebDataset shards -> distributed training "
@@ -45,6 +69,7 @@ RESOURCES = {
 }
 CACHED = {"prepare", "shard"}
 RETRIES = {"prepare": 2, "shard": 2, "train": 1, "evaluate": 2, "finish": 2}
+RUN_AS = 1000  # the image's user (Dockerfile) and the training pods' uid/gid
 # What each step's params string carries (see cnnflow.kfp.params)
 SECTIONS: dict[str, tuple[str, ...] | None] = {
     "prepare": ("prepare", "tracking"),
@@ -55,16 +80,19 @@ SECTIONS: dict[str, tuple[str, ...] | None] = {
 }
 
 
-def signature() -> inspect.Signature:
-    """`(prepare_source: str = 'digits', ..., workspace: str = '/workspace')`."""
+def signature(image: str = c.BASE_IMAGE) -> inspect.Signature:
+    """`(prepare_source: str = 'digits', ..., workspace: str = '/workspace')`, with
+    `launch_image` defaulting to `image`."""
+    defaults = {kfp_name("launch.image"): image}
     return inspect.Signature([
-        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
-                          annotation=kind)
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                          default=defaults.get(name, default), annotation=kind)
         for name, (kind, default) in pipeline_parameters().items()
     ])
 
 
-def _configure(task: dsl.PipelineTask, step: str, *, local: bool, claim: Any) -> None:
+def _configure(task: dsl.PipelineTask, step: str, *, local: bool, claim: Any,
+               image: str) -> None:
     task.set_display_name(step)
     task.set_caching_options(step in CACHED)
     task.set_env_variable("CNNFLOW_RUNNER", "kfp-local" if local else "kfp")
@@ -72,6 +100,9 @@ def _configure(task: dsl.PipelineTask, step: str, *, local: bool, claim: Any) ->
         # resources, retries, the placeholder env value and the PVC are the cluster's;
         # kfp.local ignores them (each kfp setter costs a stack inspection, ~20 ms)
         return
+    task.set_container_image(image)
+    kubernetes.set_security_context(task, run_as_user=RUN_AS, run_as_group=RUN_AS,
+                                    run_as_non_root=True)
     cpu, cpu_limit, memory, memory_limit = RESOURCES[step]
     task.set_cpu_request(cpu).set_cpu_limit(cpu_limit)
     task.set_memory_request(memory).set_memory_limit(memory_limit)
@@ -82,11 +113,13 @@ def _configure(task: dsl.PipelineTask, step: str, *, local: bool, claim: Any) ->
     kubernetes.mount_pvc(task, pvc_name=claim, mount_path=MOUNT_PATH)
 
 
-def build_pipeline(local: bool = False):
+def build_pipeline(local: bool = False, image: str = c.BASE_IMAGE):
     """The pipeline (a kfp GraphComponent). `local=True`: for kfp.local (CNNFLOW_RUNNER=
-    kfp-local; no resources, retries or PVC, which kfp.local ignores); the DAG, components
-    and parameters are the same."""
-    sig = signature()
+    kfp-local; no image, resources, security context, retries or PVC, which kfp.local
+    ignores); the DAG, components and parameters are the same. `image`: the steps' image
+    and launch_image's default (checked: a tag or digest)."""
+    check_image(image, "--image")
+    sig = signature(image)
 
     def cnn_training(*args: Any, **kwargs: Any) -> None:
         values = sig.bind(*args, **kwargs)
@@ -110,7 +143,8 @@ def build_pipeline(local: bool = False):
                                            shards=tasks["shard"].outputs["shards"],
                                            model=tasks["train"].outputs["model"], **common)
         for step, task in tasks.items():
-            _configure(task, step, local=local, claim=v["launch_volume_claim"])
+            _configure(task, step, local=local, claim=v["launch_volume_claim"],
+                       image=image)
 
     cnn_training.__signature__ = sig
     cnn_training.__doc__ = DESCRIPTION

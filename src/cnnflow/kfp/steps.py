@@ -7,6 +7,13 @@ mean what they mean for the CLI and `dvc repro`; exports KFP_RUN_ID and CNNFLOW_
 and finds the pipeline's MLflow parent run by the KFP run id (creating it in the first
 step). The stage function then opens its child run under that parent.
 
+Under KFP's MLflow plugin (the backend sets `$MLFLOW_RUN_ID`, the task's nested run, see
+`cnnflow.tracking.mlflow_tracker`) no step opens or closes a parent: `enter` checks that
+the task run exists (one line naming the id and the tracking URI if not), each stage's
+run is a child of its task's run, the train step hands its task run to the training job
+(the pods' `CNNFLOW_PARENT_RUN_ID`, with `MLFLOW_WORKSPACE` and `MLFLOW_TRACKING_AUTH`),
+and `finish` leaves the parent to the backend, which closes it with the pipeline.
+
 Each step runs in a fresh process (a pod, or a kfp.local task process) and imports only
 what it uses: prepare, shard and finish never import torch; mlflow is imported once, by
 `enter`, and only when tracking is on. Its first own line, `step NAME: started ...`,
@@ -36,7 +43,7 @@ from typing import Any
 from cnnflow.config import Params
 from cnnflow.errors import CnnflowError
 from cnnflow.kfp.params import decode
-from cnnflow.tracking.mlflow_tracker import DEFAULT_TRACKING_URI, PARENT_ENV
+from cnnflow.tracking.mlflow_tracker import DEFAULT_TRACKING_URI, PARENT_ENV, TASK_RUN_ENV
 
 ERROR_PREFIX = "cnnflow: error: "
 
@@ -91,7 +98,8 @@ def _absolute_uri(uri: str, workspace: Path) -> str:
 
 def enter(params_text: str, *, workspace: str, kfp_run_id: str = "",
           runner: str | None = None) -> Params:
-    """Decode, chdir into the workspace, export the run's identity, open/find the parent run.
+    """Decode, chdir into the workspace, export the run's identity, open/find the parent run
+    (under KFP's MLflow plugin: check the task's run, which is the stages' parent).
 
     Tracking store: tracking.uri, else $MLFLOW_TRACKING_URI, else (in the cluster)
     launch.tracking_uri, else sqlite:///mlflow/mlflow.db in the workspace.
@@ -112,13 +120,18 @@ def enter(params_text: str, *, workspace: str, kfp_run_id: str = "",
     tc = params.tracking
     if not tc.enabled:
         return params
-    from cnnflow.tracking.mlflow_tracker import start_parent_run
+    from cnnflow.tracking.mlflow_tracker import check_reachable, kfp_task_run, start_parent_run
 
     cluster_uri = params.launch.tracking_uri if runner == "kfp" else ""
     uri = _absolute_uri(tc.uri or os.environ.get("MLFLOW_TRACKING_URI") or cluster_uri
                         or DEFAULT_TRACKING_URI, ws)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     params = dataclasses.replace(params, tracking=dataclasses.replace(tc, uri=uri))
+    if os.environ.get(TASK_RUN_ENV, "").strip():  # KFP's MLflow plugin owns the parent
+        if not tc.offline:  # one line within seconds, not the client's minutes of retries
+            check_reachable(uri, tc.check_timeout_s)
+            kfp_task_run(uri)
+        return params
     start_parent_run(experiment=tc.experiment, runner=runner, pipeline_key=key or None,
                      tracking_uri=uri,
                      offline=tc.offline, timeout_s=tc.check_timeout_s)
@@ -198,8 +211,7 @@ def train_step(params_text: str, *, workspace: str, kfp_run_id: str,
     _started("train")
     start = time.monotonic()
     result = launch_training(params, shards=shards.metadata["path"], workspace=Path.cwd(),
-                             run_id=_resolved(kfp_run_id),
-                             parent_run_id=os.environ.get(PARENT_ENV, ""),
+                             run_id=_resolved(kfp_run_id), parent_run_id=_parent_run(),
                              echo=lambda line: print(line, flush=True))
     job_s = time.monotonic() - start
     out = Path(result.out_dir)
@@ -217,6 +229,24 @@ def train_step(params_text: str, *, workspace: str, kfp_run_id: str,
     })
     print(f"PyTorchJob {result.name} ({result.backend}) succeeded in {job_s:.1f} s -> {out}")
     return dict(model.metadata)
+
+
+def _parent_run() -> str:
+    """The run the training job's stage run nests under: this task's run under KFP's
+    MLflow plugin, else the pipeline's parent run ('' with tracking off)."""
+    return (os.environ.get(TASK_RUN_ENV, "").strip()
+            or os.environ.get(PARENT_ENV, ""))
+
+
+def _pipeline_run(params: Params) -> str:
+    """The pipeline's MLflow run: the KFP backend's parent run under its MLflow plugin,
+    else cnnflow's own parent ('' with tracking off)."""
+    if params.tracking.enabled and os.environ.get(TASK_RUN_ENV, "").strip():
+        from cnnflow.tracking.mlflow_tracker import kfp_task_run
+
+        task = kfp_task_run(params.tracking.uri)
+        return task.pipeline_run_id if task else ""
+    return os.environ.get(PARENT_ENV, "")
 
 
 def _report(result: dict[str, Any], model: Any, shards: Any) -> str:
@@ -270,7 +300,7 @@ def evaluate_step(params_text: str, *, workspace: str, kfp_run_id: str,
                             "model_name": reg.get("name", ""),
                             "model_version": str(reg.get("version", "")),
                             "reports": str(Path(params.evaluate.out_dir).resolve()),
-                            "mlflow_parent_run_id": os.environ.get(PARENT_ENV, ""),
+                            "mlflow_parent_run_id": _pipeline_run(params),
                             "tracking_uri": params.tracking.uri,
                             "experiment": params.tracking.experiment})
     print(f"champion decision: {decision} ({reason})", flush=True)
@@ -281,11 +311,14 @@ def evaluate_step(params_text: str, *, workspace: str, kfp_run_id: str,
 def finish_step(params_text: str, *, workspace: str, kfp_run_id: str,
                 state: str, error: str = "") -> str:
     """Close the pipeline's parent run: FINISHED when the pipeline succeeded, else FAILED
-    (the exit handler runs after success and failure alike)."""
+    (the exit handler runs after success and failure alike). Under KFP's MLflow plugin
+    the parent is the backend's: it is left alone (the backend closes it)."""
     params = enter(params_text, workspace=workspace, kfp_run_id=kfp_run_id)
     _started("finish")
     status = "FINISHED" if state.upper() == "SUCCEEDED" else "FAILED"
-    if params.tracking.enabled:
+    if params.tracking.enabled and os.environ.get(TASK_RUN_ENV, "").strip():
+        print(f"MLflow parent run {_pipeline_run(params)}: closed by the KFP backend")
+    elif params.tracking.enabled:
         from cnnflow.tracking.mlflow_tracker import end_parent_run
 
         parent = os.environ[PARENT_ENV]

@@ -92,10 +92,13 @@ def resolve_job(params: Params, *, name: str, shards: str, workspace: Path,
 
 def identity() -> dict[str, str]:
     """This process's run identity, for the pods' environment: the KFP run and runner it
-    belongs to, and the code it runs (git commit and dirty flag)."""
+    belongs to, the MLflow workspace and auth provider KFP's MLflow plugin set (never its
+    credentials: they would stand in clear in the job), and the code it runs (git commit
+    and dirty flag)."""
     from cnnflow.tracking.lineage import GIT_COMMIT_ENV, GIT_DIRTY_ENV, git_info
 
-    env = {name: os.environ[name] for name in ("KFP_RUN_ID", "CNNFLOW_RUNNER")
+    env = {name: os.environ[name] for name in ("KFP_RUN_ID", "CNNFLOW_RUNNER",
+                                               "MLFLOW_WORKSPACE", "MLFLOW_TRACKING_AUTH")
            if os.environ.get(name)}
     git = git_info()
     if git:

@@ -54,11 +54,15 @@ class MlflowTracker:
 
     def __init__(self, run_id: str, *, tracking_uri: str, spool_dir: str | Path | None = None,
                  log_system_metrics: bool = False, meta: dict[str, Any] | None = None,
-                 parent_run_id: str | None = None, close_parent: bool = False) -> None:
+                 parent_run_id: str | None = None, summary_run_id: str | None = None,
+                 close_parent: bool = False) -> None:
         from mlflow import MlflowClient
 
         self.run_id, self.tracking_uri = run_id, tracking_uri
         self.parent_run_id, self._close_parent = parent_run_id, close_parent
+        # where the pipeline's result goes: the parent, or (under KFP's MLflow plugin,
+        # whose task run is the parent) the pipeline's run above it
+        self.summary_run_id = summary_run_id or parent_run_id
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.spool_dir = Path(spool_dir or Path("mlflow-spool") / run_id).resolve()
         self._meta = {"run_id": run_id, "tracking_uri": tracking_uri, **(meta or {})}
@@ -143,15 +147,15 @@ class MlflowTracker:
                          tags: dict[str, str]) -> None:
         """The pipeline's result on its parent run (key params, test metrics, decision,
         registered version), so that comparing pipeline runs in the UI shows them."""
-        if not self.parent_run_id or self.spool is not None:
+        if not self.summary_run_id or self.spool is not None:
             return
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
         with contextlib.suppress(Exception):  # the stage's own record is what counts
-            existing = self.client.get_run(self.parent_run_id).data.params
+            existing = self.client.get_run(self.summary_run_id).data.params
             self.client.log_batch(
-                self.parent_run_id,
+                self.summary_run_id,
                 params=[Param(k, v) for k, v in stringify(params).items() if k not in existing],
                 metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
                 tags=[RunTag(k, v) for k, v in stringify(tags).items()])

@@ -11,6 +11,18 @@ Where runs go: `tracking_uri` argument > `$MLFLOW_TRACKING_URI` > `sqlite:///mlf
 (relative to the working directory; artifacts of a sqlite store go to `artifacts/` beside
 the database file). The file store is never used: MLflow 3.17 refuses it by default.
 
+Under KFP's MLflow plugin (KFP >= 2.17, KEP-12862) the backend owns the tree: its API
+server opens a parent run per pipeline run (closing it when the run ends), its driver a
+nested run per task, and every step gets `MLFLOW_TRACKING_URI`, `MLFLOW_EXPERIMENT_ID`,
+`MLFLOW_RUN_ID` (the task's run), `MLFLOW_WORKSPACE` and the credentials. Then
+`stage_run` opens no parent: the stage's run is a child of `$MLFLOW_RUN_ID`, in its
+experiment (`kfp_task_run`). Why a child and not the task run itself: the task run is
+the launcher's (it logs the component's inputs and outputs there and closes it, and
+closes any child left open by a crashed pod); a stage run of its own keeps the same
+name, tags, status and spool as under the CLI, DVC and kfp.local, and each attempt
+(a retried task, a restarted training pod) is a run of its own instead of a second
+series of metrics in one. The pipeline's summary goes on the KFP parent run.
+
 Faults: `check_reachable` fails a run with one line before training when the server
 does not answer (unless `offline`, which logs to the local sqlite store). Once a run has
 started, an MLflow error never stops training: the tracker warns once and spools every
@@ -28,6 +40,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +53,8 @@ log = logging.getLogger("cnnflow")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
 PARENT_ENV = "CNNFLOW_PARENT_RUN_ID"
+# What KFP's MLflow plugin sets in every step: the task's nested run and its experiment
+TASK_RUN_ENV, TASK_EXPERIMENT_ENV = "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"
 PARENT_TAG, PIPELINE_TAG = "mlflow.parentRunId", "cnnflow.pipeline_key"
 # Client retries once the run has started: MLflow's default (7 retries, backoff factor 2)
 # waits minutes per call before a dead server is noticed; 2 retries cost ~2-4 s.
@@ -276,6 +291,41 @@ def _start_parent_run(uri: str, experiment: str, run_name: str | None, runner: s
     return run_id
 
 
+@dataclass(frozen=True)
+class TaskRun:
+    """The run KFP's MLflow plugin opened for this task, and the pipeline's run above it."""
+
+    run_id: str
+    experiment_id: str
+    pipeline_run_id: str
+
+
+def kfp_task_run(uri: str | None = None) -> TaskRun | None:
+    """`$MLFLOW_RUN_ID` as a `TaskRun`, or None when it is not set; a one-line
+    CnnflowError when the store at `uri` has no such run, or it is not in
+    `$MLFLOW_EXPERIMENT_ID`."""
+    run_id = os.environ.get(TASK_RUN_ENV, "").strip()
+    if not run_id:
+        return None
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(uri)
+    try:
+        run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException as exc:
+        reason = (exc.message or str(exc)).strip().splitlines()[0][:200]
+        raise CnnflowError(f"{TASK_RUN_ENV}={run_id}: no such run at {uri} ({reason})"
+                           ) from None
+    experiment = os.environ.get(TASK_EXPERIMENT_ENV, "").strip()
+    if experiment and experiment != run.info.experiment_id:
+        raise CnnflowError(f"{TASK_RUN_ENV}={run_id} is in experiment "
+                           f"{run.info.experiment_id} at {uri}, not "
+                           f"{TASK_EXPERIMENT_ENV}={experiment}")
+    pipeline = run.data.tags.get(PARENT_TAG) or run_id
+    return TaskRun(run_id, run.info.experiment_id, pipeline)
+
+
 def end_parent_run(run_id: str, status: str = "FINISHED", tracking_uri: str | None = None,
                    tags: dict[str, str] | None = None) -> None:
     """Set `tags` on the parent run and close it with `status`."""
@@ -296,7 +346,10 @@ def stage_run(stage: str, *, params: dict[str, Any] | None = None,
               timeout_s: float = 5.0) -> MlflowTracker:
     """Open a child run for `stage` under the pipeline's parent run and log its config
     (flattened params) and lineage tags. Fails with one line, before any work, when the
-    tracking server is unreachable (unless `offline`) or its store's disk is full."""
+    tracking server is unreachable (unless `offline`) or its store's disk is full.
+
+    The parent: `parent_run_id`, else KFP's task run (`$MLFLOW_RUN_ID`, see the module
+    docstring), else `start_parent_run`'s under a pipeline runner, else none."""
     uri = _prepare(tracking_uri, offline, timeout_s)
     with store_faults(uri):
         return _stage_run(stage, uri=uri, params=params, parent_run_id=parent_run_id,
@@ -315,15 +368,18 @@ def _stage_run(stage: str, *, uri: str, params: dict[str, Any] | None,
 
     runner = runner or detect_runner()
     client = MlflowClient(tracking_uri=uri)
-    parent = parent_run_id
-    if parent is None and (os.environ.get(PARENT_ENV) or runner_key(runner)):
-        parent = start_parent_run(experiment=experiment, runner=runner, tracking_uri=uri,
-                                  timeout_s=timeout_s)
+    parent, summary, experiment_id = parent_run_id, parent_run_id, None
+    task = kfp_task_run(uri) if parent is None else None
+    if task is not None:
+        parent, summary, experiment_id = task.run_id, task.pipeline_run_id, task.experiment_id
+    elif parent is None and (os.environ.get(PARENT_ENV) or runner_key(runner)):
+        parent = summary = start_parent_run(experiment=experiment, runner=runner,
+                                            tracking_uri=uri, timeout_s=timeout_s)
     tags = lineage_tags(stage, runner=runner, dataset_version=dataset_version,
                         world_size=world_size, degrees=degrees)
     if parent:
         tags[PARENT_TAG] = parent
-        experiment_id = client.get_run(parent).info.experiment_id
+        experiment_id = experiment_id or client.get_run(parent).info.experiment_id
     else:  # a single CLI command: its own top-level run
         experiment_id = ensure_experiment(client, experiment)
     run = client.create_run(experiment_id, run_name=stage, tags=tags)
@@ -333,7 +389,8 @@ def _stage_run(stage: str, *, uri: str, params: dict[str, Any] | None,
     # status (the next stage of the same invocation reopens it), so none stays RUNNING.
     tracker = MlflowTracker(run.info.run_id, tracking_uri=uri, spool_dir=spool_dir,
                             log_system_metrics=log_system_metrics, meta=meta,
-                            parent_run_id=parent, close_parent=runner == "dvc")
+                            parent_run_id=parent, summary_run_id=summary,
+                            close_parent=runner == "dvc" and task is None)
     if params:
         tracker.log_params(params)
     return tracker
