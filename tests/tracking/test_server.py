@@ -47,4 +47,5 @@ def test_the_cli_hands_the_allowed_hosts_to_run_server(args, allowed, monkeypatc
         cli.main()
     assert exit_.value.code == 0, capsys.readouterr().err
     assert calls == [(("mlflow/mlflow.db", "mlflow/artifacts"),
-                      {"host": "0.0.0.0", "port": 5000, "allowed_hosts": allowed})]
+                      {"host": "0.0.0.0", "port": 5000, "allowed_hosts": allowed,
+                       "workers": 1, "auth_config": None})]
