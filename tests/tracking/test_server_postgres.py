@@ -22,7 +22,7 @@ import pytest
 
 from tests.servers import free_port, postgres_server, s3_server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a server start, migrations
 
 ROOT = Path(__file__).resolve().parents[2]
 CNNFLOW = str(Path(sys.executable).with_name("cnnflow"))
