@@ -218,12 +218,13 @@ def test_with_auth_a_client_without_credentials_is_refused(config, pg, s3, tmp_p
         with pytest.raises(MlflowException, match="401"):
             mlflow.MlflowClient().search_experiments()
         # the README's command: the admin creates the user pipeline steps log in as
-        created = subprocess.run(
-            ["curl", "-sf", "-u", f"admin:{ADMIN_PASSWORD}", "-X", "POST",
-             f"{server.url}/api/2.0/mlflow/users/create", "-H",
-             "Content-Type: application/json", "-d",
-             f'{{"username": "cnnflow", "password": "{CLIENT_PASSWORD}"}}'],
-            capture_output=True, text=True, timeout=60)
+        readme = next(line.strip() for line in (ROOT / "README.md").read_text().splitlines()
+                      if "/api/2.0/mlflow/users/create" in line)
+        command = (readme.replace("<admin password>", ADMIN_PASSWORD)
+                   .replace("<client password>", CLIENT_PASSWORD)
+                   .replace("http://127.0.0.1:5000", server.url))
+        created = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                                 timeout=60)
         assert created.returncode == 0, created.stderr
         assert '"username": "cnnflow"' in created.stdout.replace('":"', '": "')
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "cnnflow")
