@@ -252,8 +252,14 @@ def tracking_sync(
 
 @app.command("mlflow-server")
 def mlflow_server(
-    store: Annotated[str, typer.Option("--store")] = "mlflow/mlflow.db",
-    artifacts: Annotated[str, typer.Option("--artifacts")] = "mlflow/artifacts",
+    store: Annotated[str, typer.Option(
+        "--store", help="The backend store: a sqlite file (the local default) or "
+                        "postgresql://USER@HOST:PORT/DB (password from PGPASSWORD or the "
+                        "URI).")] = "mlflow/mlflow.db",
+    artifacts: Annotated[str, typer.Option(
+        "--artifacts", help="Where the server puts artifacts: a directory, or "
+                            "s3://BUCKET/PREFIX (endpoint from MLFLOW_S3_ENDPOINT_URL, "
+                            "credentials as boto3 finds them).")] = "mlflow/artifacts",
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 5000,
     allowed_hosts: Annotated[str, typer.Option(
@@ -261,11 +267,19 @@ def mlflow_server(
                                 "`mlflow server --allowed-hosts`; a Host header carries the "
                                 "port: mlflow.cnnflow.svc:5000 (or mlflow.cnnflow.svc:*). "
                                 "Replaces MLflow's default (localhost and private IPs).")] = "",
+    workers: Annotated[int, typer.Option(
+        "--workers", help="Server worker processes (more than 1 needs a store other than "
+                          "sqlite: PostgreSQL).")] = 1,
+    auth: Annotated[str, typer.Option(
+        "--auth", help="Require a login: MLflow's basic-auth app with this config "
+                       "(basic_auth.ini; admin from MLFLOW_AUTH_ADMIN_USERNAME/PASSWORD "
+                       "on first start).")] = "",
 ) -> None:
     """Run a real MLflow server on the local store (Ctrl-C stops it)."""
     from cnnflow.tracking.server import run_server
 
-    run_server(store, artifacts, host=host, port=port, allowed_hosts=allowed_hosts or None)
+    run_server(store, artifacts, host=host, port=port, allowed_hosts=allowed_hosts or None,
+               workers=workers, auth_config=auth or None)
 
 
 @app.command()

@@ -47,4 +47,37 @@ def test_the_cli_hands_the_allowed_hosts_to_run_server(args, allowed, monkeypatc
         cli.main()
     assert exit_.value.code == 0, capsys.readouterr().err
     assert calls == [(("mlflow/mlflow.db", "mlflow/artifacts"),
-                      {"host": "0.0.0.0", "port": 5000, "allowed_hosts": allowed})]
+                      {"host": "0.0.0.0", "port": 5000, "allowed_hosts": allowed,
+                       "workers": 1, "auth_config": None})]
+
+
+def test_postgres_store_bucket_workers_and_auth_in_the_server_command():
+    cmd = server_command("postgresql://mlflow@db:5432/mlflow", "s3://bucket/mlflow",
+                         workers=4, auth=True)
+    assert cmd[cmd.index("--backend-store-uri") + 1] == "postgresql+psycopg2://mlflow@db:5432/mlflow"
+    assert cmd[cmd.index("--artifacts-destination") + 1] == "s3://bucket/mlflow"
+    assert cmd[cmd.index("--workers") + 1] == "4"
+    assert cmd[cmd.index("--app-name") + 1] == "basic-auth"
+    with pytest.raises(CnnflowError, match=r"^--workers 0: expected at least 1$"):
+        server_command("mlflow.db", "artifacts", workers=0)
+
+
+def test_a_bad_auth_config_is_one_line(tmp_path):
+    from cnnflow.tracking.server_checks import check_auth_config
+
+    with pytest.raises(CnnflowError) as err:
+        check_auth_config(tmp_path / "nope.ini")
+    assert str(err.value) == (f"--auth {tmp_path / 'nope.ini'}: no such file (expected "
+                              f"MLflow's basic_auth.ini)")
+    ini = tmp_path / "basic_auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = READ\n")
+    with pytest.raises(CnnflowError, match=r"expected \[mlflow\] database_uri = \.\.\."):
+        check_auth_config(ini)
+    ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                   "database_uri = postgresql://u:secret@db/auth\n")
+    with pytest.raises(CnnflowError) as err:
+        check_auth_config(ini)
+    assert "secret" not in str(err.value)
+    assert str(err.value) == (f"--auth {ini}: database_uri postgresql://u:***@db/auth: write "
+                              f"postgresql+psycopg2:// (the driver installed; SQLAlchemy's "
+                              f"default for postgresql:// is psycopg 3)")
