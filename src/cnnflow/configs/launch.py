@@ -1,5 +1,6 @@
 """The `launch` section of params.yaml: how the train step becomes a Kubeflow job, a
-`PyTorchJob` (Training Operator v1) or a `TrainJob` (Trainer v2) (owner: `cnnflow.launch`). It imports only the stdlib and `cnnflow.errors`."""
+`PyTorchJob` (Training Operator v1) or a `TrainJob` (Trainer v2) (owner: `cnnflow.launch`).
+It imports only the stdlib and `cnnflow.errors`."""
 
 from __future__ import annotations
 

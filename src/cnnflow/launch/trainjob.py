@@ -214,6 +214,19 @@ def unknown_field(value: Any, model: type[BaseModel], path: str) -> str | None:
     return None
 
 
+def _paths_ending(value: Any, key: str, path: str) -> list[str]:
+    """Every path in `value` whose last key is `key`."""
+    found: list[str] = []
+    items = (value.items() if isinstance(value, dict) else
+             ((f"[{i}]", v) for i, v in enumerate(value)) if isinstance(value, list) else ())
+    for k, v in items:
+        here = f"{path}{k}" if str(k).startswith("[") else f"{path}.{k}" if path else str(k)
+        if k == key:
+            found.append(here)
+        found += _paths_ending(v, key, here)
+    return found
+
+
 def validate_trainjob(doc: dict[str, Any]) -> t.TrainerV1alpha1TrainJob:
     """v1alpha1's fields and types, plus the Trainer webhook's rules; the model."""
     where = f"TrainJob {(doc.get('metadata') or {}).get('name', '?')}"
@@ -225,19 +238,24 @@ def validate_trainjob(doc: dict[str, Any]) -> t.TrainerV1alpha1TrainJob:
         hint = _HINTS.get(field) or "see the TrainJob API reference"
         raise ManifestError(f"{where}: {field}: not a field of {API_VERSION} {KIND} "
                             f"(Trainer v2.3; {hint})")
+    if not isinstance(doc.get("spec"), dict) or not doc["spec"].get("runtimeRef"):
+        raise ManifestError(f"{where}: spec.runtimeRef: required (the runtime to run, e.g. "
+                            "{name: torch-distributed})")
     try:
         job = t.TrainerV1alpha1TrainJob.from_dict(doc)
     except (ValidationError, ValueError, TypeError, KeyError) as exc:
-        first = exc.errors()[0] if isinstance(exc, ValidationError) else None
-        what = (".".join(str(p) for p in first["loc"]) + ": " + first["msg"]) if first \
-            else str(exc)
+        what = str(exc)
+        if isinstance(exc, ValidationError):  # from_dict validates level by level: its
+            first = exc.errors()[0]  # loc is relative, so find where in the doc it is
+            loc = [str(p) for p in first["loc"]]
+            paths = _paths_ending(doc, loc[0], "") if loc else []
+            head = paths[0] if len(paths) == 1 else loc[0] if loc else ""
+            what = ".".join([head, *loc[1:]]) + ": " + first["msg"]
         raise ManifestError(f"{where}: not a valid {KIND}: {what}") from None
     name = job.metadata.name if job.metadata else None
     if not name or len(name) > 63 or not _DNS1035.match(name):
         raise ManifestError(f"{where}: metadata.name: expected a DNS-1035 label "
                             f"(a-z first, a-z0-9-, <= 63 chars), got {name!r}")
-    if job.spec is None:
-        raise ManifestError(f"{where}: spec.runtimeRef: required")
     trainer = job.spec.trainer
     if trainer is not None:
         reserved = sorted({e.name for e in trainer.env or []} & set(RESERVED_ENV))
