@@ -302,7 +302,7 @@ def example_yaml() -> str:
     from cnnflow.launch import resolve_job
     from cnnflow.launch.pytorchjob import _Dumper
 
-    cfg, name = LaunchConfig(kind="trainjob", nodes=2), "cnnflow-train-example"
+    cfg, name = LaunchConfig(kind="trainjob", nodes=2), "cnnflow-trainjob-example"
     final = resolve_job(dataclasses.replace(Params(), launch=cfg), name=name,
                         shards=f"{cfg.mount_path}/data/shards",
                         workspace=Path("/nonexistent"), root=cfg.mount_path, cluster=True)
