@@ -59,7 +59,8 @@ class LaunchConfig:
     """Job name = <prefix>-<8 hex of the run id>: unique per run, DNS-1035, <= 48 chars
     (pods are named <job>-worker-<i> and must stay <= 63)."""
     nodes: int = 1
-    """Pods: 1 Master + (nodes - 1) Workers (elastic: Workers only, see elastic_*)."""
+    """Pods: 1 Master + (nodes - 1) Workers (elastic: Workers only, see elastic_*);
+    a TrainJob's trainer.numNodes."""
     nproc_per_node: int = 1
     """Processes per pod: 1 = `python -m cnnflow.train`, > 1 = torchrun (one per GPU)."""
     launcher: Literal["auto", "python", "torchrun"] = "auto"
@@ -89,14 +90,17 @@ class LaunchConfig:
     only: a TrainJob's nodes meet on the Trainer's port 29500."""
     restart_policy: Literal["OnFailure", "ExitCode", "Never", "Always"] = "OnFailure"
     """OnFailure/Always: restart the container in place; ExitCode: recreate the pod on a
-    retryable exit code (>= 128, e.g. 137 OOM-kill/preemption), fail on 1-127; Never."""
+    retryable exit code (>= 128, e.g. 137 OOM-kill/preemption), fail on 1-127; Never.
+    pytorchjob only."""
     backoff_limit: int = 3
     """Restarts before the job is marked Failed (pytorchjob only)."""
     active_deadline_s: int = 7200
-    """runPolicy.activeDeadlineSeconds: a job still running (or never scheduled) after
-    this many seconds is failed by the operator, and the launcher says so."""
+    """runPolicy.activeDeadlineSeconds (a TrainJob's spec.activeDeadlineSeconds): a job
+    still running (or never scheduled) after this many seconds is failed by the operator,
+    and the launcher says so."""
     ttl_after_finished_s: int = 3600
-    """runPolicy.ttlSecondsAfterFinished: the operator deletes the finished job after it."""
+    """runPolicy.ttlSecondsAfterFinished: the operator deletes the finished job after it
+    (pytorchjob only)."""
     clean_pod_policy: Literal["None", "Running", "All"] = "Running"
     """Pods deleted when the job finishes: Running = stragglers only (logs of finished
     pods stay readable), All, None (the operator's default). pytorchjob only."""
