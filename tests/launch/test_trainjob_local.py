@@ -4,6 +4,7 @@ JobSet handles them. Hand-written TrainJobs are shaped like Trainer v2.3's examp
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import sys
@@ -54,7 +55,7 @@ def test_hand_written_trainjob_two_nodes_under_torchrun(tmp_path, monkeypatch):
     for line in proc.stderr.splitlines():
         if " SAW " in f" {line}":
             label, _, rank, world, pet = line.split(" ", 4)
-            saw[label] = (int(rank), int(world), eval(pet))  # a dict literal we printed
+            saw[label] = (int(rank), int(world), ast.literal_eval(pet))
     master = saw["[node-0]"][2]["PET_MASTER_PORT"]
     assert saw == {
         f"[node-{i}]": (i, 2, {"PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": master,
