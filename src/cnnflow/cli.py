@@ -285,7 +285,8 @@ def mlflow_server(
 @app.command()
 def launch(
     job: Annotated[str, typer.Argument(
-        help="A PyTorchJob YAML file; or `render` (print the train step's job) or `train` "
+        help="A PyTorchJob or TrainJob YAML file; or `render` (print the train step's job, "
+             "launch.kind) or `train` "
              "(render it and run it with launch.backend).")],
     local: Annotated[bool, typer.Option(
         "--local", help="Run the YAML file's job as local processes.")] = False,
@@ -296,7 +297,8 @@ def launch(
     params: ParamsOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Run training as a Kubeflow PyTorchJob: on a cluster, or as local processes."""
+    """Run training as a Kubeflow PyTorchJob or TrainJob: on a cluster, or as local
+    processes."""
     from cnnflow.launch.commands import launch_command
 
     typer.echo(launch_command(job, _params(params, set_), local=local, mounts=mount or [],

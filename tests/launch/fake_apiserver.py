@@ -1,4 +1,6 @@
 """An in-process fake of the Kubernetes API server, for the endpoints the launcher uses.
+It stands in for the Kubernetes API (and for the Kubeflow controllers a test plays):
+no cluster, no training operator, no Trainer.
 
 It speaks the JSON the real API server returns (objects with uid and resourceVersion,
 `Status` bodies on errors, watch streams of `{"type", "object"}` lines and followed pod
@@ -7,19 +9,27 @@ configured with `Configuration(host=cluster.url)`. Endpoints:
 
     POST/GET(list, watch)   /apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs
     GET/DELETE              /apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs/{name}
+    POST/GET(list, watch)   /apis/trainer.kubeflow.org/v1alpha1/namespaces/{ns}/trainjobs
+    GET/DELETE              /apis/trainer.kubeflow.org/v1alpha1/namespaces/{ns}/trainjobs/{name}
+    GET(list)/GET           /apis/trainer.kubeflow.org/v1alpha1/clustertrainingruntimes[/{name}]
     POST                    /api/v1/namespaces/{ns}/configmaps
     GET/DELETE              /api/v1/namespaces/{ns}/configmaps/{name}
     GET(list)               /api/v1/namespaces/{ns}/pods?labelSelector=...
     GET(follow)             /api/v1/namespaces/{ns}/pods/{name}/log
 
 There is no operator: a test passes `on_create(cluster, job)`, run in a thread when a
-PyTorchJob is created, which plays one (add pods, write log lines, set conditions). It
+PyTorchJob or TrainJob is created, which plays one (add pods, write log lines, set
+conditions): `add_pod` makes a pod as the training operator names and labels it,
+`add_node_pod` one as Trainer v2 makes them through a JobSet (`<job>-node-0-<i>-<5
+chars>`, labels jobset.sigs.k8s.io/jobset-name, batch.kubernetes.io/job-completion-index,
+trainer.kubeflow.org/trainjob-ancestor-step). `runtimes` names the
+ClusterTrainingRuntimes the cluster has (default: torch-distributed). It
 orders its steps on what the launcher does, not on time: `wait_for_request` blocks until
 the launcher has sent a given request (e.g. started following the master pod's log).
 An exception in `on_create` fails the job (reason `ScenarioError`, the exception as its
 message), so the launcher stops at once and the test shows why.
 `fail_create={"ConfigMap": 403}` makes creating that kind fail; `no_crd=True` answers
-404 for pytorchjobs, as a cluster without the training operator does.
+404 for pytorchjobs, trainjobs and runtimes, as a cluster without the operator does.
 """
 
 from __future__ import annotations
@@ -36,6 +46,18 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 JOBS = re.compile(r"^/apis/kubeflow\.org/v1/namespaces/([^/]+)/pytorchjobs(?:/([^/]+))?$")
+TRAINJOBS = re.compile(
+    r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/trainjobs(?:/([^/]+))?$")
+RUNTIMES = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/clustertrainingruntimes"
+                      r"(?:/([^/]+))?$")
+ROUTES = ((JOBS, "PyTorchJob"), (TRAINJOBS, "TrainJob"))
+
+
+def job_route(path: str) -> tuple[re.Match | None, str]:
+    for pattern, kind in ROUTES:
+        if mt := pattern.match(path):
+            return mt, kind
+    return None, ""
 MAPS = re.compile(r"^/api/v1/namespaces/([^/]+)/configmaps(?:/([^/]+))?$")
 PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods$")
 LOGS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/log$")
@@ -54,7 +76,8 @@ class FakeCluster:
     """State (objects, events, pod logs) plus the HTTP server in a thread."""
 
     def __init__(self, on_create: Callable[[FakeCluster, dict], None] | None = None, *,
-                 fail_create: dict[str, int] | None = None, no_crd: bool = False) -> None:
+                 fail_create: dict[str, int] | None = None, no_crd: bool = False,
+                 runtimes: tuple[str, ...] = ("torch-distributed",)) -> None:
         self.on_create = on_create
         self.fail_create = fail_create or {}
         self.no_crd = no_crd
@@ -71,6 +94,10 @@ class FakeCluster:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        for name in () if no_crd else runtimes:
+            self.create("ClusterTrainingRuntime", "", {
+                "apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "ClusterTrainingRuntime",
+                "metadata": {"name": name}, "spec": {"mlPolicy": {"torch": {}}}})
 
     def __enter__(self) -> FakeCluster:
         thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -119,8 +146,8 @@ class FakeCluster:
     def set_condition(self, job: dict[str, Any], ctype: str, reason: str,
                       message: str) -> None:
         """Append a True condition (and mark earlier ones False) like the operator does."""
-        ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
-        obj = self.get("PyTorchJob", ns, name)
+        ns, name, kind = job["metadata"]["namespace"], job["metadata"]["name"], job["kind"]
+        obj = self.get(kind, ns, name)
         if obj is None:
             return
         status = obj.setdefault("status", {})
@@ -130,9 +157,9 @@ class FakeCluster:
                 c["status"] = "False"
         conds.append({"type": ctype, "status": "True", "reason": reason, "message": message,
                       "lastUpdateTime": now(), "lastTransitionTime": now()})
-        if ctype in ("Succeeded", "Failed"):
+        if ctype in ("Succeeded", "Complete", "Failed"):
             status["completionTime"] = now()
-        self._store("PyTorchJob", obj, "MODIFIED")
+        self._store(kind, obj, "MODIFIED")
 
     def add_pod(self, job: dict[str, Any], rtype: str, index: int, phase: str, *,
                 scheduled: tuple[str, str] | None = None, restarts: int = 0) -> str:
@@ -158,6 +185,43 @@ class FakeCluster:
                 "restartCount": restarts, "state": state}]},
         }
         existing = self.get("Pod", ns, name)
+        if existing:
+            pod["metadata"]["uid"] = existing["metadata"]["uid"]
+            self._store("Pod", pod, "MODIFIED")
+        else:
+            self.create("Pod", ns, pod)
+        return name
+
+    def add_node_pod(self, job: dict[str, Any], index: int, phase: str, *,
+                     scheduled: tuple[str, str] | None = None) -> str:
+        """Node `index` of a TrainJob, named and labelled as JobSet makes it; its name."""
+        ns, jname = job["metadata"]["namespace"], job["metadata"]["name"]
+        prefix = f"{jname}-node-0-{index}-"
+        existing = next((o for (k, n, name), o in list(self.objects.items())
+                         if k == "Pod" and n == ns and name.startswith(prefix)), None)
+        name = existing["metadata"]["name"] if existing else prefix + uuid.uuid4().hex[:5]
+        running = phase in ("Running", "Succeeded", "Failed")
+        state = ({"running": {"startedAt": now()}} if running
+                 else {"waiting": {"reason": "ContainerCreating"}})
+        conditions = [{"type": "PodScheduled", "status": "True"}]
+        if scheduled is not None:
+            conditions = [{"type": "PodScheduled", "status": "False", "reason": scheduled[0],
+                           "message": scheduled[1]}]
+        pod = {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": {
+                "jobset.sigs.k8s.io/jobset-name": jname,
+                "jobset.sigs.k8s.io/replicatedjob-name": "node",
+                "jobset.sigs.k8s.io/job-index": "0",
+                "batch.kubernetes.io/job-completion-index": str(index),
+                "batch.kubernetes.io/job-name": f"{jname}-node-0",
+                "trainer.kubeflow.org/trainjob-ancestor-step": "trainer"},
+                "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}},
+            "spec": {"containers": [{"name": "node", "image": "cnnflow:0.1.0"}]},
+            "status": {"phase": phase, "conditions": conditions, "containerStatuses": [{
+                "name": "node", "image": "cnnflow:0.1.0", "imageID": "", "ready": running,
+                "restartCount": 0, "state": state}]},
+        }
         if existing:
             pod["metadata"]["uid"] = existing["metadata"]["uid"]
             self._store("Pod", pod, "MODIFIED")
@@ -257,8 +321,8 @@ class _Handler(BaseHTTPRequestHandler):
         c, url = self.cluster, urlparse(self.path)
         c.seen("POST", url.path)
         body = self._body()
-        if mt := JOBS.match(url.path):
-            kind = "PyTorchJob"
+        mt, kind = job_route(url.path)
+        if mt:
             if c.no_crd:
                 return self._status(404, "NotFound", "the server could not find the "
                                     "requested resource")
@@ -277,13 +341,13 @@ class _Handler(BaseHTTPRequestHandler):
                                 "already exists")
         obj = c.create(kind, ns, body)
         self._json(201, obj)
-        if kind == "PyTorchJob":
+        if kind != "ConfigMap":
             c.after_create(obj)
 
     def do_DELETE(self) -> None:
         c, url = self.cluster, urlparse(self.path)
         c.seen("DELETE", url.path)
-        for pattern, kind in ((JOBS, "PyTorchJob"), (MAPS, "ConfigMap")):
+        for pattern, kind in (*ROUTES, (MAPS, "ConfigMap")):
             mt = pattern.match(url.path)
             if mt and mt.group(2):
                 obj = c.get(kind, mt.group(1), mt.group(2))
@@ -300,14 +364,17 @@ class _Handler(BaseHTTPRequestHandler):
         watching = str(q.get("watch")).lower() == "true"
         following = str(q.get("follow")).lower() == "true"
         c.seen("GET", url.path + ("?watch" if watching else "?follow" if following else ""))
-        if (mt := JOBS.match(url.path)) and c.no_crd:
+        mt, kind = job_route(url.path)
+        if (mt or RUNTIMES.match(url.path)) and c.no_crd:
             return self._status(404, "NotFound", "the server could not find the resource")
         if mt and mt.group(2):
-            obj = c.get("PyTorchJob", mt.group(1), mt.group(2))
-            return (self._json(200, obj) if obj else
-                    self._status(404, "NotFound", f'pytorchjobs "{mt.group(2)}" not found'))
+            obj = c.get(kind, mt.group(1), mt.group(2))
+            return (self._json(200, obj) if obj else self._status(
+                404, "NotFound", f'{kind.lower()}s.kubeflow.org "{mt.group(2)}" not found'))
         if mt and watching:
-            return self._watch(mt.group(1), q)
+            return self._watch(kind, mt.group(1), q)
+        if rt := RUNTIMES.match(url.path):
+            return self._runtimes(rt.group(1))
         if mt := MAPS.match(url.path):
             obj = c.get("ConfigMap", mt.group(1), mt.group(2) or "")
             return (self._json(200, obj) if obj else
@@ -328,7 +395,19 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"apiVersion": "v1", "kind": "PodList",
                          "metadata": {"resourceVersion": rv}, "items": pods})
 
-    def _watch(self, ns: str, q: dict[str, str]) -> None:
+    def _runtimes(self, name: str | None) -> None:
+        c = self.cluster
+        if name:
+            obj = c.get("ClusterTrainingRuntime", "", name)
+            return (self._json(200, obj) if obj else self._status(
+                404, "NotFound", f'clustertrainingruntimes.trainer.kubeflow.org "{name}" '
+                "not found"))
+        items = [c.get("ClusterTrainingRuntime", "", n) for n in c.names("ClusterTrainingRuntime")]
+        self._json(200, {"apiVersion": "trainer.kubeflow.org/v1alpha1",
+                         "kind": "ClusterTrainingRuntimeList",
+                         "metadata": {"resourceVersion": str(c.rv)}, "items": items})
+
+    def _watch(self, kind: str, ns: str, q: dict[str, str]) -> None:
         c = self.cluster
         name = q.get("fieldSelector", "").removeprefix("metadata.name=")
         since = int(q.get("resourceVersion") or 0)
@@ -337,7 +416,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             while True:
                 with c.cond:
-                    new = [(rv, t, o) for rv, k, t, o in c.events if k == "PyTorchJob"
+                    new = [(rv, t, o) for rv, k, t, o in c.events if k == kind
                            and rv > since and o["metadata"]["namespace"] == ns
                            and (not name or o["metadata"]["name"] == name)]
                     if not new:

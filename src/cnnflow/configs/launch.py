@@ -1,5 +1,6 @@
-"""The `launch` section of params.yaml: how the train step becomes a PyTorchJob
-(owner: `cnnflow.launch`). It imports only the stdlib and `cnnflow.errors`."""
+"""The `launch` section of params.yaml: how the train step becomes a Kubeflow job, a
+`PyTorchJob` (Training Operator v1) or a `TrainJob` (Trainer v2) (owner: `cnnflow.launch`).
+It imports only the stdlib and `cnnflow.errors`."""
 
 from __future__ import annotations
 
@@ -39,8 +40,15 @@ def check_image(image: str, key: str = "launch.image") -> str:
 
 @dataclass(kw_only=True)
 class LaunchConfig:
-    """Where and how `train` runs: local processes or a PyTorchJob on a cluster."""
+    """Where and how `train` runs: local processes or a job on a cluster."""
 
+    kind: Literal["pytorchjob", "trainjob"] = "pytorchjob"
+    """pytorchjob = kubeflow.org/v1 PyTorchJob (Training Operator v1.x); trainjob =
+    trainer.kubeflow.org/v1alpha1 TrainJob (Kubeflow Trainer v2) referencing
+    `runtime`. Options marked "pytorchjob only" have no TrainJob field: there the
+    runtime decides (restarts, backoff, port 29500, pod clean-up)."""
+    runtime: str = "torch-distributed"
+    """trainjob only: the ClusterTrainingRuntime the TrainJob references (runtimeRef)."""
     backend: Literal["local", "kubernetes"] = "local"
     """local = one process group per replica on this machine, with the env a PyTorchJob
     pod gets; kubernetes = create the PyTorchJob, follow it, clean up."""
@@ -51,11 +59,13 @@ class LaunchConfig:
     """Job name = <prefix>-<8 hex of the run id>: unique per run, DNS-1035, <= 48 chars
     (pods are named <job>-worker-<i> and must stay <= 63)."""
     nodes: int = 1
-    """Pods: 1 Master + (nodes - 1) Workers (elastic: Workers only, see elastic_*)."""
+    """Pods: 1 Master + (nodes - 1) Workers (elastic: Workers only, see elastic_*);
+    a TrainJob's trainer.numNodes."""
     nproc_per_node: int = 1
     """Processes per pod: 1 = `python -m cnnflow.train`, > 1 = torchrun (one per GPU)."""
     launcher: Literal["auto", "python", "torchrun"] = "auto"
-    """auto = torchrun when nproc_per_node > 1 or the job is elastic, else plain python."""
+    """auto = torchrun when nproc_per_node > 1, the job is elastic or a TrainJob (the
+    Trainer sets only PET_*), else plain python."""
     cpu: str = "2"
     """CPU request per pod (Kubernetes quantity); the limit is `cpu_limit` or this."""
     memory: str = "4Gi"
@@ -76,27 +86,32 @@ class LaunchConfig:
     tracking_uri: str = "http://mlflow.cnnflow.svc.cluster.local:5000"
     """MLFLOW_TRACKING_URI for the pods ("" = no tracking)."""
     port: int = 23456
-    """Master's `pytorchjob-port` container port (the operator's default)."""
+    """Master's `pytorchjob-port` container port (the operator's default). pytorchjob
+    only: a TrainJob's nodes meet on the Trainer's port 29500."""
     restart_policy: Literal["OnFailure", "ExitCode", "Never", "Always"] = "OnFailure"
     """OnFailure/Always: restart the container in place; ExitCode: recreate the pod on a
-    retryable exit code (>= 128, e.g. 137 OOM-kill/preemption), fail on 1-127; Never."""
+    retryable exit code (>= 128, e.g. 137 OOM-kill/preemption), fail on 1-127; Never.
+    pytorchjob only."""
     backoff_limit: int = 3
-    """Restarts before the job is marked Failed."""
+    """Restarts before the job is marked Failed (pytorchjob only)."""
     active_deadline_s: int = 7200
-    """runPolicy.activeDeadlineSeconds: a job still running (or never scheduled) after
-    this many seconds is failed by the operator, and the launcher says so."""
+    """runPolicy.activeDeadlineSeconds (a TrainJob's spec.activeDeadlineSeconds): a job
+    still running (or never scheduled) after this many seconds is failed by the operator,
+    and the launcher says so."""
     ttl_after_finished_s: int = 3600
-    """runPolicy.ttlSecondsAfterFinished: the operator deletes the finished job after it."""
+    """runPolicy.ttlSecondsAfterFinished: the operator deletes the finished job after it
+    (pytorchjob only)."""
     clean_pod_policy: Literal["None", "Running", "All"] = "Running"
     """Pods deleted when the job finishes: Running = stragglers only (logs of finished
-    pods stay readable), All, None (the operator's default)."""
+    pods stay readable), All, None (the operator's default). pytorchjob only."""
     elastic_min_nodes: int = 0
     elastic_max_nodes: int = 0
-    """Both > 0 = elastic: Workers only, torchrun c10d rendezvous, nodes in [min, max]."""
+    """Both > 0 = elastic: Workers only, torchrun c10d rendezvous, nodes in [min, max].
+    pytorchjob only: Trainer v2 has no elastic policy."""
     max_restarts: int = 3
     """elastic only: torchrun worker-group restarts (elasticPolicy.maxRestarts)."""
     keep_job: bool = False
-    """Keep the PyTorchJob (and its pods, per clean_pod_policy) after it finished;
+    """Keep the job (and its pods, per clean_pod_policy) after it finished;
     false = delete it as soon as the launcher has its result and logs."""
     env: list[str] = field(default_factory=list)
     """Extra NAME=value variables for the training container."""
@@ -146,6 +161,15 @@ class LaunchConfig:
         _check(not (self.elastic and self.launcher == "python"), "launch.launcher",
                "'auto' or 'torchrun' for an elastic job (only torchrun reads PET_*)",
                self.launcher)
+        _check(bool(_DNS1123.match(self.runtime)) and len(self.runtime) <= 253,
+               "launch.runtime", "a ClusterTrainingRuntime name (DNS-1123)", self.runtime)
+        _check(not (self.kind == "trainjob" and self.elastic), "launch.elastic_min_nodes",
+               "0 with launch.kind=trainjob (Trainer v2 has no elastic policy)",
+               self.elastic_min_nodes)
+        _check(not (self.kind == "trainjob" and self.launcher == "python"
+                    and self.nodes * self.nproc_per_node > 1), "launch.launcher",
+               "'auto' or 'torchrun' for a TrainJob of more than one process (the Trainer "
+               "sets only PET_*, which only torchrun reads)", self.launcher)
         _check(self.max_restarts >= 0, "launch.max_restarts", "an int >= 0", self.max_restarts)
         for name in ("env", "node_selector", "local_mounts"):
             for item in getattr(self, name):
@@ -158,6 +182,8 @@ class LaunchConfig:
 
     @property
     def uses_torchrun(self) -> bool:
+        if self.launcher == "auto" and self.kind == "trainjob":
+            return True  # the Trainer's torch plugin sets PET_* only (no RANK, WORLD_SIZE)
         if self.launcher == "auto":
             return self.nproc_per_node > 1 or self.elastic
         return self.launcher == "torchrun"

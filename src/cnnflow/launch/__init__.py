@@ -1,4 +1,5 @@
-"""Launch the training entrypoint as a Kubeflow `PyTorchJob` (kubeflow.org/v1).
+"""Launch the training entrypoint as a Kubeflow `PyTorchJob` (kubeflow.org/v1) or
+`TrainJob` (trainer.kubeflow.org/v1alpha1), by launch.kind.
 
     from cnnflow.launch.pytorchjob import render_job
     from cnnflow.launch.local import run_local          # same spec, local processes
@@ -7,9 +8,12 @@
 
 - `config`: `LaunchConfig`, the `launch` section (image, replicas, resources, policies).
 - `pytorchjob`: render the job (kubeflow-training SDK models) and its params ConfigMap.
+- `trainjob`: the same launch spec as a TrainJob (kubeflow-trainer-api models).
 - `local`: run a rendered spec as one process group per replica, with exactly the
-  environment the training operator injects.
-- `kubernetes`: create, watch, stream the master's log, clean up.
+  environment the training operator injects; `trainjob_local`: a TrainJob, with the
+  environment the Trainer's torch plugin injects.
+- `kubernetes`: create, watch, stream the master's (node 0's) log, clean up;
+  `trainjob_cluster`: what differs for a TrainJob (runtime check, conditions, pods).
 - `validate`: the operator's admission rules plus Kubernetes JSON schemas.
 
 One channel into the pods: `resolve_job` fixes the final config (shards, output and
@@ -32,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from cnnflow.config import Params
     from cnnflow.configs.launch import LaunchConfig
     from cnnflow.launch.pytorchjob import RenderedJob
+    from cnnflow.launch.trainjob import RenderedTrainJob
 
 
 @dataclass
@@ -110,8 +115,9 @@ def identity() -> dict[str, str]:
 def plan_job(params: Params, *, shards: str = "", workspace: str | Path = ".",
              run_id: str = "", parent_run_id: str = "",
              mounts: Mapping[str, str] | None = None, pod_view: bool = False,
-             ) -> tuple[RenderedJob, Params, dict[str, str]]:
-    """(the rendered job, the final config in its ConfigMap, the local mounts).
+             ) -> tuple[RenderedJob | RenderedTrainJob, Params, dict[str, str]]:
+    """(the rendered job (a PyTorchJob or TrainJob, by launch.kind), the final config in
+    its ConfigMap, the local mounts).
 
     `shards` (default train.shards, else shard.out_dir) is a path as this process sees it,
     in `workspace` (the directory the claim is mounted at, or plays it). The pods see the
@@ -134,6 +140,8 @@ def plan_job(params: Params, *, shards: str = "", workspace: str | Path = ".",
     final = resolve_job(params, name=name, shards=shards, workspace=ws, root=root,
                         cluster=cluster)
     text = yaml.safe_dump(to_dict(final), sort_keys=False)
+    if cfg.kind == "trainjob":
+        from cnnflow.launch.trainjob import render_trainjob as render_job
     rendered = render_job(cfg, name=name, run_id=run_id, params_yaml=text,
                           parent_run_id=parent_run_id, identity=identity())
     return rendered, final, mounts
@@ -143,8 +151,8 @@ def launch_training(params: Params, *, shards: str = "", workspace: str | Path =
                     run_id: str = "", parent_run_id: str = "", api: Any = None,
                     mounts: Mapping[str, str] | None = None,
                     echo: Callable[[str], None] | None = None) -> LaunchResult:
-    """Resolve the job's config, render the train step's PyTorchJob and run it with
-    launch.backend (arguments as for `plan_job`).
+    """Resolve the job's config, render the train step's job (launch.kind) and run it
+    with launch.backend (arguments as for `plan_job`).
 
     kubernetes: `api` is a kubernetes ApiClient (default: `api_client()`), outputs are on
     the PVC. local: the job's replicas run here. Raises `LaunchError` (a CnnflowError) when
@@ -161,9 +169,13 @@ def launch_training(params: Params, *, shards: str = "", workspace: str | Path =
 
         launch_job(rendered, api=api or api_client(), keep=params.launch.keep_job, sink=echo)
         return LaunchResult("kubernetes", name, out_dir, ckpt_dir)
-    from cnnflow.launch.local import LocalJob
+    if params.launch.kind == "trainjob":
+        from cnnflow.launch.trainjob_local import LocalTrainJob as LocalJob
+    else:
+        from cnnflow.launch.local import LocalJob
 
     result = LocalJob(rendered, mounts=mounts, echo=echo).run()
     if not result.succeeded:
-        raise LaunchError(f"PyTorchJob {name} failed locally: {result.reason}")
+        kind = rendered.documents()[-1]["kind"]
+        raise LaunchError(f"{kind} {name} failed locally: {result.reason}")
     return LaunchResult("local", name, out_dir, ckpt_dir)

@@ -1,9 +1,12 @@
 """`cnnflow launch`: what its forms do, so that the CLI only parses arguments.
 
     cnnflow launch render [--set launch.nodes=2]     # the train step's job, as YAML
+    cnnflow launch render --set launch.kind=trainjob # ... as a Trainer v2 TrainJob
     cnnflow launch train                             # render it, run it with launch.backend
-    cnnflow launch job.yaml --local [--mount /workspace=.]   # any PyTorchJob, here
-    cnnflow launch job.yaml                          # any PyTorchJob, on the cluster
+    cnnflow launch job.yaml --local [--mount /workspace=.]   # any PyTorchJob or TrainJob, here
+    cnnflow launch job.yaml                          # any PyTorchJob or TrainJob, on the cluster
+
+A job file's kind (PyTorchJob or TrainJob) picks the backend's runner.
 """
 
 from __future__ import annotations
@@ -47,14 +50,20 @@ def launch_command(job: str, params: Params, *, local: bool, mounts: Sequence[st
             api = api_client(kubeconfig)
         result = launch_training(params, run_id=run_id, parent_run_id=parent, api=api,
                                  mounts=pairs)
-        return f"PyTorchJob {result.name} succeeded -> {result.out_dir}\n"
-    if local:
-        from cnnflow.launch.local import run_local
-
-        raise SystemExit(run_local(job, mounts=pairs))
-    from cnnflow.launch.kubernetes import api_client, launch_job
+        kind = "TrainJob" if params.launch.kind == "trainjob" else "PyTorchJob"
+        return f"{kind} {result.name} succeeded -> {result.out_dir}\n"
     from cnnflow.launch.validate import load_documents
 
-    outcome = launch_job(load_documents(job), api=api_client(kubeconfig),
-                         keep=params.launch.keep_job)
-    return f"PyTorchJob {outcome.namespace}/{outcome.name} succeeded\n"
+    docs = load_documents(job)
+    kind = "TrainJob" if any(d.get("kind") == "TrainJob" for d in docs) else "PyTorchJob"
+    if local:
+        if kind == "TrainJob":
+            from cnnflow.launch.trainjob_local import run_local
+        else:
+            from cnnflow.launch.local import run_local
+
+        raise SystemExit(run_local(docs, mounts=pairs))
+    from cnnflow.launch.kubernetes import api_client, launch_job
+
+    outcome = launch_job(docs, api=api_client(kubeconfig), keep=params.launch.keep_job)
+    return f"{kind} {outcome.namespace}/{outcome.name} succeeded\n"

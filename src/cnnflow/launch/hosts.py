@@ -34,14 +34,15 @@ def addr_of(hosts: Mapping[str, Host], label: str) -> str:
     return host.addr if host else LOOPBACK
 
 
-def placed_env(env: Mapping[str, str], hosts: Mapping[str, Host]) -> dict[str, str]:
+def placed_env(env: Mapping[str, str], hosts: Mapping[str, Host],
+               master: str = "master-0") -> dict[str, str]:
     """The operator's pod env with its addresses on the hosts: MASTER_ADDR and
-    PET_MASTER_ADDR name master-0's, PET_RDZV_ENDPOINT worker-0's (the operator points it
+    PET_MASTER_ADDR name `master`'s (a TrainJob's: node-0), PET_RDZV_ENDPOINT worker-0's (the operator points it
     at the `<job>-worker-0` Service for elastic jobs, which have no Master)."""
     out = dict(env)
     for key in ("MASTER_ADDR", "PET_MASTER_ADDR"):
         if key in out:
-            out[key] = addr_of(hosts, "master-0")
+            out[key] = addr_of(hosts, master)
     if "PET_RDZV_ENDPOINT" in out:
         port = out["PET_RDZV_ENDPOINT"].rsplit(":", 1)[1]
         out["PET_RDZV_ENDPOINT"] = f"{addr_of(hosts, 'worker-0')}:{port}"

@@ -125,7 +125,13 @@ def _split(source: Any) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
 
 
 class LocalJob:
-    """Plan and supervise the replicas of one PyTorchJob (see the module docstring)."""
+    """Plan and supervise the replicas of one PyTorchJob (see the module docstring).
+    Subclasses run other kinds through the hooks below (cnnflow.launch.trainjob_local)."""
+
+    replica_types: tuple[str, ...] = ("Master", "Worker")
+    container = "pytorch"
+    master_label = "master-0"
+    """The replica whose address is MASTER_ADDR when placed on `hosts`."""
 
     def __init__(self, source: Any, *, mounts: Mapping[str, str] | None = None,
                  env: Mapping[str, str] | None = None, workdir: str | Path | None = None,
@@ -133,9 +139,7 @@ class LocalJob:
                  finish_grace_s: float = 60.0, hosts: Mapping[str, Host] | None = None
                  ) -> None:
         self.hosts = dict(hosts or {})
-        self.doc, self.config_maps = _split(source)
-        validate_pytorchjob(self.doc)
-        self.doc = operator.with_defaults(self.doc)
+        self.doc, self.config_maps = self._load(source)
         self.name = self.doc["metadata"]["name"]
         self.mounts = {k: str(Path(v).resolve()) for k, v in (mounts or {}).items()}
         self.extra_env = dict(env or {})
@@ -161,6 +165,18 @@ class LocalJob:
             if self._own_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
             raise
+
+    def _load(self, source: Any) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+        """(the defaulted job, {ConfigMap name: data}) from the job file."""
+        doc, maps = _split(source)
+        validate_pytorchjob(doc)
+        return operator.with_defaults(doc), maps
+
+    def _pod_fields(self, rtype: str, index: int) -> dict[str, str]:
+        return operator.pod_fields(self.doc, rtype, index)
+
+    def _pod_env(self, rtype: str, index: int, master_port: int, rdzv_port: int) -> dict:
+        return operator.pod_env(self.doc, rtype, index, master_port, rdzv_port)
 
     @staticmethod
     def _stderr(line: str) -> None:
@@ -228,18 +244,18 @@ class LocalJob:
         master_port, rdzv_port = free_port(), free_port()
         base = {k: v for k, v in os.environ.items() if not _LAUNCH_VARS.match(k)}
         replicas = []
-        for rtype in ("Master", "Worker"):
+        for rtype in self.replica_types:
             rspec = self.doc["spec"]["pytorchReplicaSpecs"].get(rtype)
             if rspec is None:
                 continue
             pod = rspec["template"]["spec"]
-            container = next(c for c in pod["containers"] if c["name"] == "pytorch")
+            container = next(c for c in pod["containers"] if c["name"] == self.container)
             where = f"PyTorchJob {self.name}: spec.pytorchReplicaSpecs.{rtype}"
             command = operator.container_argv(container, where)
             for index in range(int(rspec["replicas"])):
                 label = f"{rtype.lower()}-{index}"
                 rewrite = self._rewriter(self._volume_dirs(pod, container, label))
-                fields = {**operator.pod_fields(self.doc, rtype, index),
+                fields = {**self._pod_fields(rtype, index),
                           "status.podIP": addr_of(self.hosts, label)}
                 values, unset = operator.container_env(container.get("env"), fields,
                                                        self.config_maps)
@@ -248,8 +264,8 @@ class LocalJob:
                                 "resolved locally", self.name, label, ", ".join(unset),
                                 ", ".join(sorted(set(unset.values()))))
                 env = {k: rewrite(v) for k, v in values.items()}
-                env.update(placed_env(operator.pod_env(self.doc, rtype, index, master_port,
-                                                       rdzv_port), self.hosts))
+                env.update(placed_env(self._pod_env(rtype, index, master_port, rdzv_port),
+                                      self.hosts, self.master_label))
                 argv = [rewrite(a) for a in command]
                 if argv[0] in ("python", "python3"):
                     argv[0] = sys.executable

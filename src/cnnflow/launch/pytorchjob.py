@@ -152,6 +152,36 @@ def _pod_template(cfg: LaunchConfig, container: m.V1Container,
     )
 
 
+def entry_argv(cfg: LaunchConfig, params_map: str | None) -> list[str]:
+    """The training container's argv: the single entrypoint, `--params FILE` only."""
+    if cfg.uses_torchrun:
+        # Non-elastic: PET_NNODES/NODE_RANK/MASTER_*/NPROC_PER_NODE come from the operator
+        # (or the Trainer). Elastic jobs without a Master get no PET_NPROC_PER_NODE from
+        # the operator, so pass it here.
+        argv = ["torchrun"]
+        if cfg.elastic:
+            argv.append(f"--nproc-per-node={cfg.nproc_per_node}")
+        argv += ["-m", "cnnflow.train"]
+    else:
+        argv = ["python", "-m", "cnnflow.train"]
+    if params_map:
+        argv += ["--params", f"{PARAMS_DIR}/params.yaml"]
+    return argv
+
+
+def container_env(cfg: LaunchConfig, identity: dict[str, str] | None,
+                  parent_run_id: str) -> dict[str, str]:
+    """The run's identity (not parameters) for the pods: lineage tags, the MLflow parent
+    run, the image; then launch.env."""
+    env = {"HOME": "/tmp", **(identity or {})}
+    if parent_run_id:
+        env["CNNFLOW_PARENT_RUN_ID"] = parent_run_id
+    if cfg.backend == "kubernetes":
+        env["CNNFLOW_IMAGE"] = cfg.image
+    env.update(_kv(cfg.env))
+    return env
+
+
 def render_job(cfg: LaunchConfig, *, run_id: str = "", name: str = "",
                params_yaml: str | None = None, parent_run_id: str = "",
                identity: dict[str, str] | None = None) -> RenderedJob:
@@ -168,26 +198,8 @@ def render_job(cfg: LaunchConfig, *, run_id: str = "", name: str = "",
     out_dir, ckpt_dir = run_paths(cfg.mount_path, name)
     params_map = f"{name}-params" if params_yaml is not None else None
 
-    if cfg.uses_torchrun:
-        # Non-elastic: PET_NNODES/NODE_RANK/MASTER_*/NPROC_PER_NODE come from the operator.
-        # Elastic jobs without a Master get no PET_NPROC_PER_NODE from it, so pass it here.
-        argv = ["torchrun"]
-        if cfg.elastic:
-            argv.append(f"--nproc-per-node={cfg.nproc_per_node}")
-        argv += ["-m", "cnnflow.train"]
-    else:
-        argv = ["python", "-m", "cnnflow.train"]
-    if params_map:
-        argv += ["--params", f"{PARAMS_DIR}/params.yaml"]
-
-    # the run's identity (not parameters): lineage tags and the MLflow parent run
-    env = {"HOME": "/tmp", **(identity or {})}
-    if parent_run_id:
-        env["CNNFLOW_PARENT_RUN_ID"] = parent_run_id
-    if cfg.backend == "kubernetes":
-        env["CNNFLOW_IMAGE"] = cfg.image
-    env.update(_kv(cfg.env))
-
+    argv = entry_argv(cfg, params_map)
+    env = container_env(cfg, identity, parent_run_id)
     template = _pod_template(cfg, _container(cfg, argv, env, bool(params_map)), params_map)
     replica = {"restart_policy": cfg.restart_policy, "template": template}
     if cfg.elastic:

@@ -15,6 +15,7 @@
   The SDK model is stricter than the CRD: it requires `spec.runPolicy` (optional: an empty
   one stands in) and cannot read `elasticPolicy.metrics` (its K8sIoApiAutoscalingV2MetricSpec
   is missing: they are read as the kubernetes client's V2MetricSpec instead).
+- TrainJob: `cnnflow.launch.trainjob.validate_trainjob` (v1alpha1 fields and types).
 - `check_pod_security`: the hardening every cnnflow container must have.
 
 Every failure is a `ManifestError` (a `CnnflowError`): one line naming the object and field.
@@ -230,18 +231,31 @@ def pod_specs(doc: dict[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
     elif doc.get("kind") == "PyTorchJob":
         for rtype, rspec in (spec.get("pytorchReplicaSpecs") or {}).items():
             yield f"{where} {rtype}", rspec["template"]["spec"]
+    elif doc.get("kind") == "TrainJob":  # the pod as far as the TrainJob decides it
+        from cnnflow.launch.trainjob import pod_view
+
+        yield f"{where} trainer", pod_view(doc)
     elif "template" in spec and "spec" in (spec["template"] or {}):
         yield where, spec["template"]["spec"]
 
 
 def validate_documents(docs: Iterable[dict[str, Any]], *, security: bool = True) -> int:
-    """Validate each document (PyTorchJob or core kind); returns how many were checked."""
+    """Validate each document (PyTorchJob, TrainJob or core kind); returns how many were
+    checked. A ClusterTrainingRuntime (a local TrainJob's runtime) is read by
+    `cnnflow.launch.trainjob_local`, not applied."""
     count = 0
     for doc in docs:
         if not doc:
             continue
         if doc.get("kind") == "PyTorchJob":
             validate_pytorchjob(doc)
+        elif doc.get("kind") == "TrainJob":
+            from cnnflow.launch.trainjob import validate_trainjob
+
+            validate_trainjob(doc)
+        elif doc.get("kind") == "ClusterTrainingRuntime":
+            count += 1
+            continue
         else:
             validate_core(doc)
         if security:
