@@ -51,10 +51,18 @@ def test_trainer_v2_rbac_is_what_the_launcher_calls():
                                         "namespace": "cnnflow"}]
 
 
-def test_trainer_v2_network_policy_selects_jobset_pods():
-    policy = by_kind(render("overlays/trainer-v2"))[("NetworkPolicy", "training-peers")]
-    selector = {"matchExpressions": [{"key": "jobset.sigs.k8s.io/jobset-name",
-                                      "operator": "Exists"}]}
-    assert policy["spec"]["podSelector"] == selector
-    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": selector}]}]
-    assert policy["spec"]["policyTypes"] == ["Ingress"]
+def test_network_policies_select_the_training_pods_of_both_kinds():
+    """The training policies select cnnflow's own pod labels, which the pod templates of
+    both renderers carry: the TrainJob's (through runtimePatches) and the PyTorchJob's."""
+    docs = by_kind(render("overlays/trainer-v2"))
+    trainjob = next(d for (kind, _), d in docs.items() if kind == "TrainJob")
+    patch = trainjob["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]
+    pod_labels = patch["replicatedJobs"][0]["template"]["spec"]["template"]["metadata"]["labels"]
+    base = by_kind(render("base"))
+    job = next(d for (kind, _), d in base.items() if kind == "PyTorchJob")
+    master_labels = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"]
+    for name in ("training-peers", "training-egress"):
+        selector = docs[("NetworkPolicy", name)]["spec"]["podSelector"]
+        assert selector == base[("NetworkPolicy", name)]["spec"]["podSelector"]
+        assert selector["matchLabels"].items() <= pod_labels.items(), name
+        assert selector["matchLabels"].items() <= master_labels.items(), name
