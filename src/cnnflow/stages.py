@@ -14,9 +14,11 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from cnnflow import storage
 from cnnflow.config import Params, flatten
 from cnnflow.tracking import NullTracker
 from cnnflow.tracking.lineage import DATASET_TAG
@@ -91,23 +93,35 @@ def run_shard(params: Params) -> dict[str, Any]:
         tracker.set_tags({DATASET_TAG: manifest["dataset_version"]})
         tracker.log_metrics({"shards": float(sum(len(s["shards"])
                                                  for s in manifest["splits"].values()))}, 0)
-        tracker.log_artifact(Path(out) / "manifest.json", "data")
+        tracker.log_artifact(storage.local_dir(out, "shards") / "manifest.json", "data")
         tracker.log_dataset(out, context="shards")
     return manifest
 
 
 def run_train(params: Params) -> dict[str, Any]:
-    """Train in this process (one rank of torchrun / a PyTorchJob, or a world of 1)."""
-    from cnnflow.data.manifest import manifest_sha256, read_manifest
+    """Train in this process (one rank of torchrun / a PyTorchJob, or a world of 1). An
+    object storage train.out_dir is written locally and uploaded at the end (rank 0)."""
+    from cnnflow.data.manifest import read_manifest
+
+    shards = params.train.shards or params.shard.out_dir
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    main = int(os.environ.get("RANK", "0")) == 0
+    version = None
+    if params.tracking.enabled and main:
+        version = read_manifest(shards)["dataset_version"]
+    with storage.local_output(params.train.out_dir, "train", publish=main) as out:
+        return _train_into(params, replace(params, train=replace(params.train, out_dir=str(
+            out))), shards, version, world)
+
+
+def _train_into(given: Params, params: Params, shards: str, version: str | None,
+                world: int) -> dict[str, Any]:
+    """run_train with train.out_dir a local directory (`given`: the params as set)."""
+    from cnnflow.data.manifest import manifest_sha256
     from cnnflow.train.trainer import train
 
     tc = params.train
-    shards = tc.shards or params.shard.out_dir
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    version = None
-    if params.tracking.enabled and int(os.environ.get("RANK", "0")) == 0:
-        version = read_manifest(shards)["dataset_version"]
-    with stage_tracker(params, "train", out_dir=tc.out_dir, dataset_version=version,
+    with stage_tracker(given, "train", out_dir=tc.out_dir, dataset_version=version,
                        world_size=world) as tracker:
         tracker.log_dataset(shards, context="train")
         if tracker.run_id is not None:
@@ -129,14 +143,17 @@ def run_evaluate(params: Params, model: str = "") -> dict[str, Any]:
 
     ec, tc = params.evaluate, params.tracking
     shards = params.train.shards or params.shard.out_dir
-    source = model or ec.model or params.train.out_dir
+    given = model or ec.model or params.train.out_dir
+    source = storage.local_input(given, "model", "train output (model.pt)")
+    train_dir = (source if params.train.out_dir == given
+                 else storage.local_input(params.train.out_dir, "model", "train output"))
     version = read_manifest(shards)["dataset_version"]
     with stage_tracker(params, "evaluate", out_dir=ec.out_dir,
                        dataset_version=version) as tracker:
         metrics = evaluate(source, shards, ec.out_dir, tracker=tracker, top_k=ec.top_k,
                            batch_size=ec.batch_size, max_misclassified=ec.max_misclassified,
                            tracking_uri=tc.uri or None)
-        curves = training_curves(params.train.out_dir, Path(ec.out_dir) / "plots")
+        curves = training_curves(train_dir, Path(ec.out_dir) / "plots")
         if curves:
             tracker.log_artifact(curves, "reports/plots")
         result: dict[str, Any] = {"metrics": metrics}
