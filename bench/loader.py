@@ -8,8 +8,9 @@ baseline, plus the margin over ~300 samples/s: what one ResNet-20 training step 
 CPU core consumes. The loader must stay >= 5x ahead of that so it never starves training.
 
 Then the same shards uploaded to a loopback S3 server (bench/_s3.py, moto) and streamed
-with 0 and 2 workers from a cold cache (the fetches are timed), each with its ratio to
-the local-disk row of the same worker count (target >= 0.5) and to training (>= 5x).
+with 0 and 2 workers from a cold cache (the fetches are timed), then again from the warm
+cache (later epochs), each with its ratio to the local-disk row of the same worker count
+(target >= 0.5) and to training (>= 5x).
 `--no-s3` skips those rows.
 """
 
@@ -88,9 +89,11 @@ def s3_rows(args, prepared: Path, tmp: Path, local: dict[int, float]) -> None:
             os.environ["CNNFLOW_STORAGE_CACHE_DIR"] = str(tmp / f"cache-{workers}")
             loader = build_loader(uri, "train", batch_size=args.batch_size,
                                   num_workers=workers)
-            got = rate(epochs_of(loader), args.epochs, cold=True)
-            print(f"{f's3, {workers} workers':<22}{got:>12,.0f}{got / local[workers]:>11.2f}"
-                  f"{got / TRAINING_RATE:>12.1f}x   (vs local disk, {workers} workers)")
+            for label, cold in (("", True), (", warm", False)):
+                got = rate(epochs_of(loader), args.epochs, cold=cold)
+                print(f"{f's3, {workers} workers{label}':<22}{got:>12,.0f}"
+                      f"{got / local[workers]:>11.2f}{got / TRAINING_RATE:>12.1f}x"
+                      f"   (vs local disk, {workers} workers)")
 
 
 def main() -> None:

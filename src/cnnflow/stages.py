@@ -145,8 +145,7 @@ def run_evaluate(params: Params, model: str = "") -> dict[str, Any]:
     shards = params.train.shards or params.shard.out_dir
     given = model or ec.model or params.train.out_dir
     source = storage.local_input(given, "model", "train output (model.pt)")
-    train_dir = (source if params.train.out_dir == given
-                 else storage.local_input(params.train.out_dir, "model", "train output"))
+    train_dir = source if params.train.out_dir == given else _train_dir(params.train.out_dir)
     version = read_manifest(shards)["dataset_version"]
     with stage_tracker(params, "evaluate", out_dir=ec.out_dir,
                        dataset_version=version) as tracker:
@@ -232,12 +231,22 @@ def _model_ref(source: str) -> str | None:
     return json.loads(record.read_text()).get("model_uri")
 
 
+def _train_dir(out_dir: str) -> str:
+    """train.out_dir as a local directory for its curves; a remote one not (yet) complete
+    has none to draw ("")."""
+    try:
+        return storage.local_input(out_dir, "model", "train output")
+    except storage.StorageError as exc:
+        log.warning("no training curves: %s", exc)
+        return ""
+
+
 def training_curves(train_dir: str | Path, plots: Path) -> Path | None:
     """metrics.jsonl as a CSV that `dvc plots` draws (one row per epoch) and as a PNG
     (loss and accuracy over epochs), which DVC and MLflow show without loading Vega;
     the PNG's path, or None without a metrics.jsonl."""
     src = Path(train_dir) / "metrics.jsonl"
-    if not src.is_file():
+    if not train_dir or not src.is_file():
         return None
     rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
     if not rows:

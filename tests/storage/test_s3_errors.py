@@ -122,3 +122,16 @@ def test_prepare_out_dir_must_be_local(tmp_path):
 
     with pytest.raises(ConfigError, match="prepare.out_dir: expected a local directory"):
         prepare(PrepareConfig(out_dir="s3://bucket/prepared"), show_progress=False)
+
+
+def test_local_runs_never_load_an_object_storage_client(digits_shards):
+    """s3fs, botocore and fsspec load only when an s3:// URI is used."""
+    code = ("import sys, cnnflow.cli, cnnflow.stages, cnnflow.data.loader as L, "
+            "cnnflow.train.checkpoint; from cnnflow.data.manifest import verify_shards; "
+            f"verify_shards({str(digits_shards)!r}); "
+            f"list(L.build_loader({str(digits_shards)!r}, 'train', batch_size=64)); "
+            "print(','.join(m for m in ('s3fs', 'botocore', 'boto3', 'fsspec', 'aiobotocore') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=120)
+    assert done.stdout.strip() == "", done.stdout

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from cnnflow import storage
 from cnnflow.data.manifest import load_manifest, resolve_shard_dir, scan_tar, verify_shards
 from cnnflow.data.remote import RemoteShards, check_listing
+from cnnflow.data.remote import cache_bytes as remote_cache_bytes
 from cnnflow.errors import ShardError
 
 _PEEK = 256  # bytes of each member read while indexing: the .npy header and the label
@@ -243,6 +244,8 @@ class ShardLoader:
         used = len(self) * self.batch_size if self.drop_last else len(shard)
         shard, position = shard[:used], position[:used]
         offset, label = np.empty(used, np.int64), np.empty(used, np.int64)
+        if self.remote is not None and remote_cache_bytes() <= 0:
+            self.remote.prefetch(np.unique(shard).tolist())  # concurrent GETs
         for s in np.unique(shard).tolist():  # index only the shards this rank reads
             local = self.paths[s] if self.remote is None else self.remote.local(s)
             offsets, labels = _shard_index(Path(local))
