@@ -116,3 +116,33 @@ def test_dcp_checkpoint_is_complete_only_once_marked(s3, tmp_path):
         assert store.latest() is None  # objects without a marker are not a checkpoint
     finally:
         dist.destroy_process_group()
+
+
+def test_prepare_reads_its_source_from_a_bucket(s3, tmp_path, monkeypatch):
+    """prepare.path = s3://bucket/raw: the same data set (version) as from a local copy,
+    and dataset.json names the URI."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from cnnflow.config import PrepareConfig
+    from cnnflow.data.prepare import prepare
+
+    monkeypatch.setenv("CNNFLOW_STORAGE_CACHE_DIR", str(tmp_path / "cache"))
+    raw, bucket = tmp_path / "raw", s3.bucket()
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (raw / cls).mkdir(parents=True)
+        for i in range(10):
+            path = raw / cls / f"{i}.png"
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+            s3.client().upload_file(str(path), bucket, f"raw/{cls}/{i}.png")
+    cfg = {"source": "imagefolder", "height": 8, "width": 8, "workers": 1}
+    local = prepare(PrepareConfig(path=str(raw), out_dir=str(tmp_path / "a"), **cfg),
+                    show_progress=False)
+    remote = prepare(PrepareConfig(path=f"s3://{bucket}/raw", out_dir=str(tmp_path / "b"),
+                                   **cfg), show_progress=False)
+    assert remote["version"] == local["version"]
+    meta = json.loads((tmp_path / "b" / "dataset.json").read_text())
+    assert meta["params"]["path"] == f"s3://{bucket}/raw"
