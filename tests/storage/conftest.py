@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import uuid
 from dataclasses import dataclass
@@ -58,9 +57,11 @@ class S3:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    os.environ["INITIAL_NO_AUTH_ACTION_COUNT"] = str(_AUTH_FREE_ACTIONS)
     import boto3
+    from moto import settings
     from moto.server import ThreadedMotoServer
+
+    settings.INITIAL_NO_AUTH_ACTION_COUNT = _AUTH_FREE_ACTIONS  # this process's server only
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     port = free_port()
