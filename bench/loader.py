@@ -6,12 +6,19 @@
 Prints samples/s for num_workers 0, 1 and 2 and each one's ratio to the in-memory
 baseline, plus the margin over ~300 samples/s: what one ResNet-20 training step on one
 CPU core consumes. The loader must stay >= 5x ahead of that so it never starves training.
+
+Then the same shards uploaded to a loopback S3 server (bench/_s3.py, moto) and streamed
+with 0 and 2 workers from a cold cache (the fetches are timed), then again from the warm
+cache (later epochs), each with its ratio to the local-disk row of the same worker count
+(target >= 0.5) and to training (>= 5x).
+`--no-s3` skips those rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -44,9 +51,10 @@ def fabricate(root: Path, images: int, side: int) -> Path:
     return root
 
 
-def rate(batches, epochs: int) -> float:
-    """Samples/s over `epochs` passes; the first batch is not timed (worker start-up)."""
-    seen, start = 0, None
+def rate(batches, epochs: int, *, cold: bool = False) -> float:
+    """Samples/s over `epochs` passes; the first batch is not timed (worker start-up),
+    unless `cold`: then everything is, from the first epoch's start (remote fetches)."""
+    seen, start = 0, time.perf_counter() if cold else None
     for _ in range(epochs):
         for images, _labels in batches():
             if start is None:
@@ -56,6 +64,38 @@ def rate(batches, epochs: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def epochs_of(loader):
+    """A callable giving the loader set to its next epoch on each call (for `rate`)."""
+    def epochs():
+        loader.set_epoch(epochs.count)
+        epochs.count += 1
+        return loader
+
+    epochs.count = 0
+    return epochs
+
+
+def s3_rows(args, prepared: Path, tmp: Path, local: dict[int, float]) -> None:
+    """The S3 rows: upload the shards, stream them with 0 and 2 workers (cold cache)."""
+    from _s3 import s3_server
+
+    with s3_server() as bucket:
+        uri = f"s3://{bucket}/shards"
+        start = time.perf_counter()
+        write_shards(prepared, uri, samples_per_shard=args.samples_per_shard, workers=2,
+                     show_progress=False)
+        print(f"uploaded shards to loopback S3 in {time.perf_counter() - start:.2f} s")
+        for workers in (0, 2):
+            os.environ["CNNFLOW_STORAGE_CACHE_DIR"] = str(tmp / f"cache-{workers}")
+            loader = build_loader(uri, "train", batch_size=args.batch_size,
+                                  num_workers=workers)
+            for label, cold in (("", True), (", warm", False)):
+                got = rate(epochs_of(loader), args.epochs, cold=cold)
+                print(f"{f's3, {workers} workers{label}':<22}{got:>12,.0f}"
+                      f"{got / local[workers]:>11.2f}{got / TRAINING_RATE:>12.1f}x"
+                      f"   (vs local disk, {workers} workers)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=20_000)
@@ -63,6 +103,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--no-s3", action="store_true", help="skip the loopback S3 rows")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,22 +134,18 @@ def main() -> None:
             f"{'in-memory tensor':<22}{baseline:>12,.0f}{1.0:>11.2f}"
             f"{baseline / TRAINING_RATE:>12.1f}x"
         )
+        local = {}
         for workers in (0, 1, 2):
             loader = build_loader(
                 Path(tmp) / "shards", "train", batch_size=args.batch_size, num_workers=workers
             )
-
-            def epochs(loader=loader):
-                loader.set_epoch(epochs.count)
-                epochs.count += 1
-                return loader
-
-            epochs.count = 0
-            got = rate(epochs, args.epochs)
+            got = local[workers] = rate(epochs_of(loader), args.epochs)
             print(
                 f"{f'shards, {workers} workers':<22}{got:>12,.0f}{got / baseline:>11.2f}"
                 f"{got / TRAINING_RATE:>12.1f}x"
             )
+        if not args.no_s3:
+            s3_rows(args, prepared, Path(tmp), local)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def shard(params: ParamsOpt = None, set_: SetOpt = None) -> None:
 @app.command()
 def verify(
     shards: Annotated[
-        str | None, typer.Argument(help="Shard directory or file:// URI (default: shard.out_dir).")
+        str | None, typer.Argument(help="Shard dir, file:// or s3:// URI (default: shard.out_dir).")
     ] = None,
     params: ParamsOpt = None,
     set_: SetOpt = None,

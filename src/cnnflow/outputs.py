@@ -21,8 +21,10 @@ refuse unknown entries even in a marked directory, since the swap would delete t
 stages that write in place (train, checkpoint, evaluate) add to a marked directory and
 leave other entries alone.
 
-Paths are strings (a `file://` URI is read as its path), so other URI schemes can be
-added here later.
+Paths are strings (a `file://` URI is read as its path). An object storage prefix
+(`s3://...`) is left to its writer, which publishes last and refuses what it did not
+write there: shard (another dataset version, foreign objects), checkpoints and the model
+(complete only with their `.done`/`_SUCCESS` markers); see cnnflow.storage.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import re
 from pathlib import Path
 
 from cnnflow.errors import CnnflowError
+from cnnflow.storage import is_remote
 
 MARKER = ".cnnflow-owner.json"
 SPOOL = "mlflow-spool"
@@ -128,8 +131,9 @@ def _other_stage(directory: Path, stage: str) -> str | None:
 
 def claim_output(stage: str, key: str, path: str | os.PathLike, *,
                  inputs: dict[str, str] | None = None, apart: dict[str, str] | None = None,
-                 holds: tuple[str, ...] = ()) -> Path:
-    """Check that `stage` may write `path` (the value of params key `key`); its Path.
+                 holds: tuple[str, ...] = ()) -> Path | None:
+    """Check that `stage` may write `path` (the value of params key `key`); its Path
+    (None for an object storage prefix).
 
     Raises OutputError naming the path otherwise; writes nothing. `inputs` (params key
     -> path) are what the stage reads, `apart` its other outputs; `holds` names entries
@@ -138,6 +142,8 @@ def claim_output(stage: str, key: str, path: str | os.PathLike, *,
     raw = _local(path)
     if not raw.strip():
         raise OutputError(f"{key} is empty; expected a directory for the {stage} output")
+    if is_remote(raw):
+        return None
     out = Path(raw).resolve()
     where = _holds_cwd(out)
     if where:

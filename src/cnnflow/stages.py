@@ -14,9 +14,11 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from cnnflow import storage
 from cnnflow.config import Params, flatten
 from cnnflow.fileio import write_json
 from cnnflow.outputs import SPOOL, claim_output, mark_output, nested_name
@@ -98,24 +100,36 @@ def run_shard(params: Params) -> dict[str, Any]:
         tracker.set_tags({DATASET_TAG: manifest["dataset_version"]})
         tracker.log_metrics({"shards": float(sum(len(s["shards"])
                                                  for s in manifest["splits"].values()))}, 0)
-        tracker.log_artifact(Path(out) / "manifest.json", "data")
+        tracker.log_artifact(storage.local_dir(out, "shards") / "manifest.json", "data")
         tracker.log_dataset(out, context="shards")
     return manifest
 
 
 def run_train(params: Params) -> dict[str, Any]:
-    """Train in this process (one rank of torchrun / a PyTorchJob, or a world of 1)."""
-    tc = params.train
-    shards = tc.shards or params.shard.out_dir
+    """Train in this process (one rank of torchrun / a PyTorchJob, or a world of 1). An
+    object storage train.out_dir is written locally and uploaded at the end (rank 0)."""
+    shards = params.train.shards or params.shard.out_dir
     _claim_train(params, shards)
-    from cnnflow.data.manifest import manifest_sha256, read_manifest
-    from cnnflow.train.trainer import train
+    from cnnflow.data.manifest import read_manifest
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    main = int(os.environ.get("RANK", "0")) == 0
     version = None
-    if params.tracking.enabled and int(os.environ.get("RANK", "0")) == 0:
+    if params.tracking.enabled and main:
         version = read_manifest(shards)["dataset_version"]
-    with stage_tracker(params, "train", out_dir=tc.out_dir, dataset_version=version,
+    with storage.local_output(params.train.out_dir, "train", publish=main) as out:
+        return _train_into(params, replace(params, train=replace(params.train, out_dir=str(
+            out))), shards, version, world)
+
+
+def _train_into(given: Params, params: Params, shards: str, version: str | None,
+                world: int) -> dict[str, Any]:
+    """run_train with train.out_dir a local directory (`given`: the params as set)."""
+    from cnnflow.data.manifest import manifest_sha256
+    from cnnflow.train.trainer import train
+
+    tc = params.train
+    with stage_tracker(given, "train", out_dir=tc.out_dir, dataset_version=version,
                        world_size=world) as tracker:
         tracker.log_dataset(shards, context="train")
         if tracker.run_id is not None:
@@ -153,11 +167,13 @@ def run_evaluate(params: Params, model: str = "") -> dict[str, Any]:
 
     ec, tc = params.evaluate, params.tracking
     shards = params.train.shards or params.shard.out_dir
-    source = model or ec.model or params.train.out_dir
+    given = model or ec.model or params.train.out_dir
     reads = {"train.shards" if params.train.shards else "shard.out_dir": shards,
-             "the model": "" if "://" in source or ":/" in source else source,
+             "the model": "" if "://" in given or ":/" in given else given,
              "train.out_dir": params.train.out_dir}
     claim_output("evaluate", "evaluate.out_dir", ec.out_dir, inputs=reads)
+    source = storage.local_input(given, "model", "train output (model.pt)")
+    train_dir = source if params.train.out_dir == given else _train_dir(params.train.out_dir)
     version = read_manifest(shards)["dataset_version"]
     mark_output("evaluate", ec.out_dir)
     with stage_tracker(params, "evaluate", out_dir=ec.out_dir,
@@ -165,7 +181,7 @@ def run_evaluate(params: Params, model: str = "") -> dict[str, Any]:
         metrics = evaluate(source, shards, ec.out_dir, tracker=tracker, top_k=ec.top_k,
                            batch_size=ec.batch_size, max_misclassified=ec.max_misclassified,
                            tracking_uri=tc.uri or None)
-        curves = training_curves(params.train.out_dir, Path(ec.out_dir) / "plots")
+        curves = training_curves(train_dir, Path(ec.out_dir) / "plots")
         if curves:
             tracker.log_artifact(curves, "reports/plots")
         result: dict[str, Any] = {"metrics": metrics}
@@ -244,12 +260,22 @@ def _model_ref(source: str) -> str | None:
     return json.loads(record.read_text()).get("model_uri")
 
 
+def _train_dir(out_dir: str) -> str:
+    """train.out_dir as a local directory for its curves; a remote one not (yet) complete
+    has none to draw ("")."""
+    try:
+        return storage.local_input(out_dir, "model", "train output")
+    except storage.StorageError as exc:
+        log.warning("no training curves: %s", exc)
+        return ""
+
+
 def training_curves(train_dir: str | Path, plots: Path) -> Path | None:
     """metrics.jsonl as a CSV that `dvc plots` draws (one row per epoch) and as a PNG
     (loss and accuracy over epochs), which DVC and MLflow show without loading Vega;
     the PNG's path, or None without a metrics.jsonl."""
     src = Path(train_dir) / "metrics.jsonl"
-    if not src.is_file():
+    if not train_dir or not src.is_file():
         return None
     rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
     if not rows:

@@ -1,4 +1,5 @@
-"""bench/gpu.py keeps working on a machine without a GPU (behaviour only, never timing)."""
+"""The benchmarks run and print their rows (behaviour only, never timing): bench/gpu.py on a
+machine without a GPU, bench/loader.py and bench/checkpoint.py with tiny sizes."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -20,3 +23,26 @@ def test_gpu_bench_runs_on_cpu_with_tiny_sizes():
     assert "images/s" in done.stdout
     assert re.search(r"^ratio .+: \d+\.\d+$", done.stdout, re.MULTILINE), done.stdout
     assert re.search(r"^fraction of bf16 peak .+: \d+\.\d+$", done.stdout, re.MULTILINE)
+
+
+def _bench(*args: str) -> str:
+    done = subprocess.run([sys.executable, str(BENCH / args[0]), *args[1:]],
+                          capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_loader_bench_prints_local_and_s3_rows():
+    out = _bench("loader.py", "--images", "1200", "--samples-per-shard", "200",
+                 "--batch-size", "64", "--epochs", "1")
+    for row in ("shards, 0 workers", "s3, 0 workers", "s3, 2 workers"):
+        assert re.search(rf"^{row}\s+[\d,]+\s+\d+\.\d+\s+\d+\.\dx", out, re.MULTILINE), out
+
+
+@pytest.mark.slow
+def test_checkpoint_bench_prints_the_s3_to_local_ratios():
+    out = _bench("checkpoint.py", "--repeats", "1")
+    assert re.search(r"^loopback s3\s+\d+\.\d+\s+\d+\.\d+$", out, re.MULTILINE), out
+    assert re.search(r"^ratio s3/local save: \d+\.\d+$", out, re.MULTILINE), out
+    assert re.search(r"^ratio s3/local load: \d+\.\d+$", out, re.MULTILINE), out

@@ -172,8 +172,9 @@ def test_missing_and_invalid_manifest(written, tmp_path):
 
 
 def test_unsupported_uri_scheme():
-    with pytest.raises(ShardError, match="unsupported URI scheme 's3'"):
-        verify_shards("s3://bucket/shards")
+    with pytest.raises(ShardError, match="unsupported URI scheme 'ftp'; use a local path, "
+                                         "file:// or one of s3"):
+        verify_shards("ftp://host/shards")
 
 
 def test_failed_rewrite_leaves_the_old_shards_intact(prepared, written, monkeypatch):

@@ -12,6 +12,8 @@ class CheckpointConfig:
     """Atomic checkpoints and automatic resume."""
 
     dir: str = "outputs/checkpoints"
+    """A directory, or an object storage prefix (s3://bucket/ckpt): there each checkpoint
+    is complete once its `.done` marker is written (cnnflow.train.checkpoint)."""
     every_steps: int = 0
     """Also checkpoint every this many steps (0 = only at each epoch end)."""
     keep: int = 3

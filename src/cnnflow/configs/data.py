@@ -20,9 +20,11 @@ class PrepareConfig:
     path: str = ""
     """Input for imagefolder (root/<class>/<image>), idx (a directory holding the
     *-images-idx3-ubyte[.gz] and *-labels-idx1-ubyte[.gz] files) and cifar (the
-    cifar-10-batches-py directory). Unused by digits and synthetic."""
+    cifar-10-batches-py directory); a local directory or an object storage prefix
+    (s3://bucket/raw, copied to a local cache first). Unused by digits and synthetic."""
     out_dir: str = "data/prepared"
-    """Where the prepared data set is written (atomically: temp dir, then rename)."""
+    """Where the prepared data set is written (atomically: temp dir, then rename). Always
+    local: the shard stage memory-maps it, and it is the cache shards are uploaded from."""
     seed: int = 0
     """Seed of the stratified split (and of the synthetic generator)."""
     train_ratio: float = 0.8
@@ -80,7 +82,8 @@ class ShardConfig:
     """Write WebDataset tar shards of the prepared data set plus a checksummed manifest."""
 
     out_dir: str = "data/shards"
-    """Shard directory: <split>-000000.tar ... and manifest.json."""
+    """Shard directory: <split>-000000.tar ... and manifest.json; or an object storage
+    prefix (s3://bucket/shards: tars uploaded first, manifest.json last)."""
     samples_per_shard: int = 256
     """Samples per tar shard. Rule of thumb: 100-500 MB shards on object storage;
     here small shards let several ranks and loader workers each own whole shards."""

@@ -12,7 +12,8 @@ class EvaluateConfig:
     """Score the test split, register the model, maybe promote it."""
 
     model: str = ""
-    """"" = train.out_dir; or models:/<name>@<alias>, models:/<name>/<version>,
+    """"" = train.out_dir; or a train output in object storage (s3://bucket/model, read
+    once its _SUCCESS marker is there), models:/<name>@<alias>, models:/<name>/<version>,
     runs:/<id>/model."""
     out_dir: str = "reports"
     top_k: int = 3

@@ -13,12 +13,14 @@ class TrainConfig:
     """The training run: data, batch, precision, outputs."""
 
     shards: str = ""
-    """Shard directory or file:// URI ("" = shard.out_dir)."""
+    """Shard directory, file:// URI or object storage prefix such as s3://bucket/shards,
+    streamed per rank ("" = shard.out_dir)."""
     dataset_version: str = ""
     """Expected dataset version (sha256 from prepare); shards of another version are
     refused. "" = train on whatever version the shards hold."""
     out_dir: str = "outputs/train"
-    """Final model (model.pt + model.json), metrics.jsonl, traces."""
+    """Final model (model.pt + model.json), metrics.jsonl, traces. An object storage
+    prefix (s3://bucket/model) is written locally and uploaded at the end, _SUCCESS last."""
     epochs: int = 60
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run all epochs)."""

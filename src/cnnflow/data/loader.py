@@ -18,6 +18,11 @@ in the last all-reduce of the epoch; and a restarted job must see the same batch
 Samples are then read by random access (an offset index per shard, `os.preadv` into the
 batch buffer), so the order depends on nothing but (seed, epoch, rank, world_size):
 not on `num_workers`, and `start_batch=k` resumes exactly at batch k.
+
+Shards in object storage (`s3://bucket/prefix`, `cnnflow.data.remote`): each rank fetches
+only the shards it reads, each in one GET (retried with backoff), checks it against the
+manifest's size and sha256, and keeps it in a local cache bounded by
+`CNNFLOW_STORAGE_CACHE_BYTES`; the epoch plan above is the same, so are the guarantees.
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cnnflow import storage
 from cnnflow.data.manifest import load_manifest, resolve_shard_dir, scan_tar, verify_shards
+from cnnflow.data.remote import RemoteShards, check_listing
+from cnnflow.data.remote import cache_bytes as remote_cache_bytes
 from cnnflow.errors import ShardError
 
 _PEEK = 256  # bytes of each member read while indexing: the .npy header and the label
@@ -145,9 +153,11 @@ class _EpochBatches(Dataset):
         batch_size: int,
         shape: tuple[int, int, int],
         num_batches: int,
+        remote: RemoteShards | None = None,
     ) -> None:
         self.paths, self.shard, self.offset, self.label = paths, shard, offset, label
         self.batch_size, self.shape, self.num_batches = batch_size, shape, num_batches
+        self.remote = remote
         self._fds: dict[int, int] = {}  # shard index -> open fd, per process
 
     def __len__(self) -> int:
@@ -155,7 +165,8 @@ class _EpochBatches(Dataset):
 
     def _fd(self, shard: int) -> int:
         if shard not in self._fds:
-            self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+            path = self.paths[shard] if self.remote is None else self.remote.local(shard)
+            self._fds[shard] = os.open(path, os.O_RDONLY)
         return self._fds[shard]
 
     def __getitem__(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,7 +213,8 @@ class ShardLoader:
         self.seed, self.num_workers = seed, num_workers
         self.shuffle, self.drop_last = shuffle, drop_last
         entries = manifest["splits"][split]["shards"]
-        self.paths = [str(root / e["name"]) for e in entries]
+        self.paths = [str(storage.join(root, e["name"])) for e in entries]
+        self.remote = RemoteShards(self.paths, entries) if storage.is_remote(root) else None
         self.counts = [int(e["samples"]) for e in entries]
         self.shape = tuple(int(d) for d in manifest["image_shape"])
         self.samples_per_rank = sum(self.counts) // world_size
@@ -232,8 +244,11 @@ class ShardLoader:
         used = len(self) * self.batch_size if self.drop_last else len(shard)
         shard, position = shard[:used], position[:used]
         offset, label = np.empty(used, np.int64), np.empty(used, np.int64)
+        if self.remote is not None and remote_cache_bytes() <= 0:
+            self.remote.prefetch(np.unique(shard).tolist())  # concurrent GETs
         for s in np.unique(shard).tolist():  # index only the shards this rank reads
-            offsets, labels = _shard_index(Path(self.paths[s]))
+            local = self.paths[s] if self.remote is None else self.remote.local(s)
+            offsets, labels = _shard_index(Path(local))
             if len(offsets) != self.counts[s]:
                 raise ShardError(
                     f"{self.paths[s]}: {len(offsets)} samples found, "
@@ -242,7 +257,8 @@ class ShardLoader:
             mask = shard == s
             offset[mask], label[mask] = offsets[position[mask]], labels[position[mask]]
         return _EpochBatches(
-            self.paths, shard, offset, label, self.batch_size, self.shape, len(self)
+            self.paths, shard, offset, label, self.batch_size, self.shape, len(self),
+            self.remote,
         )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -273,7 +289,9 @@ def build_loader(
     """A loader over `split` of the shard directory (path or file:// URI) for one rank.
 
     With `verify`, every shard of the split is checked against the manifest first
-    (size, sha256, sample count), so damage shows up here rather than mid-epoch.
+    (size, sha256, sample count), so damage shows up here rather than mid-epoch; in object
+    storage one listing checks the sizes, and each shard's sha256 is checked when this
+    rank fetches it (no rank downloads the whole set).
     `expected_version` (the prepared data set's version) guards against training on
     shards of another data set.
     """
@@ -284,7 +302,12 @@ def build_loader(
     if num_workers < 0:
         raise ValueError(f"num_workers: expected an int >= 0, got {num_workers}")
     root = resolve_shard_dir(shards)
-    manifest = verify_shards(root, splits=[split]) if verify else load_manifest(root)
+    if storage.is_remote(root):
+        manifest = load_manifest(root)
+        if verify and split in manifest["splits"]:
+            check_listing(root, manifest["splits"][split]["shards"])
+    else:
+        manifest = verify_shards(root, splits=[split]) if verify else load_manifest(root)
     if split not in manifest["splits"]:
         raise ShardError(f"{root}: no split {split!r} in the manifest")
     found = manifest["dataset_version"]

@@ -25,6 +25,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from cnnflow import storage
 from cnnflow.errors import ShardError
 
 log = logging.getLogger("cnnflow")
@@ -37,26 +38,34 @@ _REGULAR = (ord("0"), 0)  # tar type flags of a regular file
 _IN_MEMORY_BYTES = 256 << 20  # 256 MiB: verify holds a shard this small in memory
 
 
-def read_json(path: Path, missing: str, invalid: str) -> Any:
-    """`path`'s JSON; ShardError "<path>: <missing>" or "<path>: <invalid> (why)"."""
+def read_json(path: Path | str, missing: str, invalid: str) -> Any:
+    """`path`'s JSON (a local file or an object URI); ShardError "<path>: <missing>" or
+    "<path>: <invalid> (why)"."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        if storage.is_remote(path):
+            if not storage.exists(str(path)):
+                raise FileNotFoundError(path)
+            return json.loads(storage.read_bytes(str(path)).decode("utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ShardError(f"{path}: {missing}") from None
     except (OSError, ValueError) as exc:
         raise ShardError(f"{path}: {invalid} ({exc})") from None
 
 
-def resolve_shard_dir(uri: str | Path) -> Path:
-    """A local directory from a path or a `file://` URI; other schemes are refused."""
+def resolve_shard_dir(uri: str | Path) -> Path | str:
+    """A local directory from a path or a `file://` URI; an object storage URI
+    (`s3://bucket/prefix`, see `cnnflow.storage`) as it is; other schemes are refused."""
     text = str(uri)
     if "://" not in text:
         return Path(text)
+    if storage.is_remote(text):
+        return text.rstrip("/")
     parsed = urllib.parse.urlparse(text)
     if parsed.scheme != "file":
         raise ShardError(
             f"{text}: unsupported URI scheme {parsed.scheme!r}; "
-            "use a local path or file:// (mount object storage as a volume)"
+            f"use a local path, file:// or one of {', '.join(storage.REMOTE_SCHEMES)}"
         )
     host = "" if parsed.netloc in ("", "localhost") else parsed.netloc
     return Path(host + urllib.parse.unquote(parsed.path))
@@ -67,7 +76,9 @@ def manifest_sha256(shard_dir: str | Path) -> str:
     one digest pins the exact bytes a run trained or was scored on."""
     import hashlib
 
-    path = resolve_shard_dir(shard_dir) / MANIFEST
+    path = storage.join(resolve_shard_dir(shard_dir), MANIFEST)
+    if storage.is_remote(path):
+        return hashlib.sha256(storage.read_bytes(path)).hexdigest()
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError as exc:
@@ -76,7 +87,7 @@ def manifest_sha256(shard_dir: str | Path) -> str:
 
 def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
     """Read and sanity-check `manifest.json`; ShardError naming the file otherwise."""
-    path = resolve_shard_dir(shard_dir) / MANIFEST
+    path = storage.join(resolve_shard_dir(shard_dir), MANIFEST)
     manifest = read_json(path, "manifest not found; run `cnnflow shard` first",
                          "not a valid manifest")
     problem = _manifest_problem(manifest)
@@ -193,22 +204,49 @@ def _sha256(path: Path, keep: bool) -> tuple[str, bytes | None]:
     return digest.hexdigest(), None
 
 
-def _verify_shard(path: Path, entry: dict[str, Any]) -> None:
-    if not path.is_file():
+def _remote_digest(uri: str, size: int) -> tuple[str, bytes | None]:
+    """sha256 of an object (and its bytes when small), read in 64 MiB ranges."""
+    if size <= _IN_MEMORY_BYTES:
+        data = storage.read_bytes(uri)
+        return hashlib.sha256(data).hexdigest(), data
+    digest = hashlib.sha256()
+    for start in range(0, size, 64 << 20):
+        digest.update(storage.read_bytes(uri, start, min(size, start + (64 << 20))))
+    return digest.hexdigest(), None
+
+
+def _remote_count(uri: str, size: int, data: bytes | None) -> int:
+    if data is not None:
+        return count_samples(uri, data=data)
+    members = _walk(uri, size, lambda at, n: storage.read_bytes(uri, at, min(size, at + n)),
+                    0, False)
+    return len({n.rpartition("/")[0] + "/" + n.rpartition("/")[2].split(".", 1)[0]
+                for n, _, _, _ in members})
+
+
+def _verify_shard(path: Path | str, entry: dict[str, Any],
+                  sizes: dict[str, int] | None = None) -> None:
+    """One shard against its manifest entry; `sizes` (object name -> size) for an object
+    storage prefix, listed once for the whole set."""
+    remote = sizes is not None
+    if (entry["name"] not in sizes) if remote else not path.is_file():
         raise ShardError(f"{path}: shard listed in the manifest is missing")
-    size = path.stat().st_size
+    size = sizes[entry["name"]] if remote else path.stat().st_size
     if size != entry["bytes"]:
         raise ShardError(
             f"{path}: size {size} bytes does not match the manifest "
             f"(expected {entry['bytes']}; truncated or rewritten?)"
         )
-    digest, data = _sha256(path, keep=size <= _IN_MEMORY_BYTES)
+    if remote:
+        digest, data = _remote_digest(path, size)
+    else:
+        digest, data = _sha256(path, keep=size <= _IN_MEMORY_BYTES)
     if digest != entry["sha256"]:
         raise ShardError(
             f"{path}: sha256 {digest[:12]}… does not match the manifest "
             f"(expected {entry['sha256'][:12]}…)"
         )
-    samples = count_samples(path, data=data)
+    samples = _remote_count(path, size, data) if remote else count_samples(path, data=data)
     if samples != entry["samples"]:
         raise ShardError(
             f"{path}: {samples} samples found, the manifest expects {entry['samples']}"
@@ -223,19 +261,21 @@ def verify_shards(
     Size, sha256 and sample count per shard: a partial copy, a flipped bit or a shard
     from another data set version fails here, naming the file, before training starts.
     Logs the cost of each split once (on global rank 0 of a distributed run).
+    An object storage prefix is listed once for the sizes and each shard read once.
     """
     root = resolve_shard_dir(shard_dir_or_uri)
     manifest = load_manifest(root)
+    sizes = storage.list_sizes(root) if storage.is_remote(root) else None
     wanted = list(manifest["splits"]) if splits is None else list(splits)
     for split in wanted:
         if split not in manifest["splits"]:
             raise ShardError(
-                f"{root / MANIFEST}: no split {split!r}; "
+                f"{storage.join(root, MANIFEST)}: no split {split!r}; "
                 f"has {', '.join(manifest['splits']) or 'none'}"
             )
         start, entries = time.perf_counter(), manifest["splits"][split]["shards"]
         for entry in entries:
-            _verify_shard(root / entry["name"], entry)
+            _verify_shard(storage.join(root, entry["name"]), entry, sizes)
         if os.environ.get("RANK", "0") == "0":
             size = sum(e["bytes"] for e in entries) / 1e6
             log.info("verified %d shards of split %s (%.1f MB) in %.2f s", len(entries),

@@ -7,6 +7,9 @@
 Output (`out_dir`, replaced atomically): `{split}_images.npy` uint8 (N, H, W, C) and
 `{split}_labels.npy` int64 (N,) for split in train, val, test; `dataset.json`; the
 owner marker of `cnnflow.outputs` (the stage checks `out_dir` with `claim_output` first).
+`out_dir` is local, also when shards go to object storage: `cnnflow shard` memory-maps
+these arrays, so this directory is the local cache the shards are cut and uploaded from
+(`prepare.path`, the source, may be an `s3://` prefix).
 
 Split: per class, that class's indices (ascending) are permuted by a generator seeded
 with SeedSequence((seed, 3, class index)); the first round_half_up(n * train_ratio) go
@@ -31,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnflow import storage
 from cnnflow.config import PrepareConfig
 from cnnflow.data.sources import SourceData, open_source
 from cnnflow.errors import ConfigError, DataError
@@ -57,6 +61,10 @@ def prepare(cfg: PrepareConfig, *, show_progress: bool | None = None) -> dict[st
     """
     if cfg.seed < 0:
         raise ConfigError(f"prepare.seed: expected an int >= 0, got {cfg.seed}")
+    if storage.is_remote(cfg.out_dir):
+        raise ConfigError(f"prepare.out_dir: expected a local directory (the cache that "
+                          f"`cnnflow shard` cuts and uploads shards from), got {cfg.out_dir!r}; "
+                          "put shard.out_dir in object storage instead", key="prepare.out_dir")
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: prepare.out_dir exists and is not a directory")

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnflow import storage
 from cnnflow.data.manifest import FORMAT, MANIFEST, read_json
 from cnnflow.errors import ShardError
 from cnnflow.fileio import atomic_dir, write_json
@@ -270,11 +271,23 @@ def write_shards(
     Written into a temporary sibling directory and swapped in at the end, so a failure
     leaves a previous good `out_dir` untouched. `workers` processes write whole shards
     in parallel, each reading its slice of the memory-mapped arrays.
+
+    An object storage `out_dir` (`s3://bucket/prefix`) is written locally first, then
+    uploaded by `publish`: tars, and manifest.json last.
     """
     if samples_per_shard < 1:
         raise ShardError(f"samples_per_shard: expected an int >= 1, got {samples_per_shard}")
-    prepared, out = Path(prepared_dir), Path(out_dir)
+    prepared = Path(prepared_dir)
     meta = _read_dataset_json(prepared)
+    if storage.is_remote(out_dir):
+        remote = str(out_dir).rstrip("/")
+        _check_prefix(remote, meta["version"])
+        stage = storage.staging_dir(remote, "shards")
+        manifest = write_shards(prepared, stage, samples_per_shard=samples_per_shard,
+                                workers=workers, show_progress=show_progress)
+        publish(stage, remote, manifest)
+        return manifest
+    out = Path(out_dir)
     with atomic_dir(out, keep=(SPOOL,)) as tmp:
         mark_output("shard", tmp)
         tasks = _plan_tasks(prepared, meta, tmp, samples_per_shard)
@@ -282,6 +295,44 @@ def write_shards(
         manifest = _manifest(meta, samples_per_shard, entries)
         write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def _check_prefix(uri: str, version: str) -> None:
+    """Refuse a prefix that holds another data set version, or objects that are not ours."""
+    sizes = storage.list_sizes(uri)
+    if MANIFEST in sizes:
+        theirs = read_json(storage.join(uri, MANIFEST), "", "not a valid manifest")
+        found = theirs.get("dataset_version", "?") if isinstance(theirs, dict) else "?"
+        if found != version:
+            raise ShardError(
+                f"{uri}: holds shards of dataset version {str(found)[:12]}…, these are "
+                f"{version[:12]}…; choose another shard.out_dir (a prefix per version)")
+    foreign = [n for n in sizes if n != MANIFEST and not _is_shard_name(n)]
+    if foreign:
+        raise ShardError(f"{uri}: holds other objects ({', '.join(sorted(foreign)[:3])}); "
+                         "shard.out_dir must be a prefix of its own")
+
+
+def _is_shard_name(name: str) -> bool:
+    split, _, rest = name.partition("-")
+    return split in SPLITS and rest.endswith(".tar") and rest[:-4].isdigit()
+
+
+def publish(local: Path, uri: str, manifest: dict[str, Any]) -> None:
+    """Upload a shard set: the old manifest is withdrawn first (when it differs), then the
+    tars go up, then the new manifest.json; a reader sees a complete set or none."""
+    new = (local / MANIFEST).read_bytes()
+    manifest_uri = str(storage.join(uri, MANIFEST))
+    sizes = storage.list_sizes(uri)
+    if MANIFEST in sizes and storage.read_bytes(manifest_uri) == new:
+        return  # the same bytes are already published (shards are reproducible)
+    storage.delete(manifest_uri)
+    names = {e["name"] for s in manifest["splits"].values() for e in s["shards"]}
+    for name in sorted(names):
+        storage.put_file(local / name, str(storage.join(uri, name)))
+    storage.write_bytes(manifest_uri, new)
+    for stale in sorted(set(sizes) - names - {MANIFEST}):
+        storage.delete(str(storage.join(uri, stale)))
 
 
 def _manifest(meta: dict[str, Any], samples_per_shard: int, entries: list) -> dict[str, Any]:

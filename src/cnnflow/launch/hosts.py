@@ -37,8 +37,9 @@ def addr_of(hosts: Mapping[str, Host], label: str) -> str:
 def placed_env(env: Mapping[str, str], hosts: Mapping[str, Host],
                master: str = "master-0") -> dict[str, str]:
     """The operator's pod env with its addresses on the hosts: MASTER_ADDR and
-    PET_MASTER_ADDR name `master`'s (a TrainJob's: node-0), PET_RDZV_ENDPOINT worker-0's (the operator points it
-    at the `<job>-worker-0` Service for elastic jobs, which have no Master)."""
+    PET_MASTER_ADDR name `master`'s (a TrainJob's: node-0), PET_RDZV_ENDPOINT worker-0's
+    (the operator points it at the `<job>-worker-0` Service for elastic jobs, which have
+    no Master)."""
     out = dict(env)
     for key in ("MASTER_ADDR", "PET_MASTER_ADDR"):
         if key in out:

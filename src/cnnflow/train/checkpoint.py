@@ -8,10 +8,16 @@ Sharded strategies (FSDP, pipeline) write a directory `step-00000120/` instead: 
 saves its part with torch.distributed.checkpoint into `.step-00000120.tmp/`, rank 0 adds
 `meta.pt` (scheduler, RNG, data position) and renames the directory, so it too is
 complete or absent.
+
+In object storage (`checkpoint.dir: s3://bucket/ckpt`), which has no rename, the objects
+(`step-00000120.pt`, or the DCP prefix `step-00000120/` through fsspec) are written first
+and a marker `step-00000120.done` last; only checkpoints with a marker are complete, and
+pruning removes the marker first. File operations go through `cnnflow.storage`.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -29,12 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from cnnflow import storage
 from cnnflow.config import OptimConfig, ParallelConfig, TrainConfig
 from cnnflow.errors import CheckpointMismatchError, CnnflowError
 from cnnflow.fileio import atomic_write
 
 log = logging.getLogger("cnnflow")
 _NAME = re.compile(r"^step-(\d{8})(\.pt)?$")  # a file, or a DCP directory
+_DONE = re.compile(r"^(step-\d{8})\.done$")  # object storage: the checkpoint is complete
 
 
 @dataclass
@@ -101,15 +109,21 @@ class Checkpointer:
     """Saves and finds checkpoints in one directory. Only global rank 0 saves."""
 
     def __init__(self, directory: str | Path, keep: int = 3, enabled: bool = True) -> None:
-        self.dir = Path(directory)
+        self.remote = storage.is_remote(directory)
+        self.dir = str(directory).rstrip("/") if self.remote else Path(directory)
         self.keep = keep
         self.enabled = enabled
 
     def path_for(self, step: int) -> Path:
-        return self.dir / f"step-{step:08d}.pt"
+        return storage.join(self.dir, f"step-{step:08d}.pt")
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
+        if self.remote:
+            names = storage.list_sizes(self.dir)
+            done = sorted(m.group(1) for n in names if (m := _DONE.match(n)))
+            return [storage.join(self.dir, f"{d}.pt" if f"{d}.pt" in names else d)
+                    for d in done]
         if not self.dir.is_dir():
             return []
         found = [p for p in self.dir.iterdir() if _NAME.match(p.name)]
@@ -123,13 +137,20 @@ class Checkpointer:
         if not self.enabled:
             return None
         path = self.path_for(step)
-        atomic_save(payload, path)
+        if self.remote:
+            _put(payload, path)
+            storage.write_bytes(_marker(path), b"")  # last: now it is complete
+        else:
+            atomic_save(payload, path)
         self._prune()
         return path
 
     def _prune(self) -> None:
         for old in self.complete()[: -self.keep]:
-            if old.is_dir():
+            if self.remote:
+                storage.delete(_marker(old))
+                storage.delete(old, recursive=not old.endswith(".pt"))
+            elif old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 old.unlink(missing_ok=True)
@@ -141,6 +162,8 @@ class Checkpointer:
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
+        if self.remote:
+            return self._save_sharded_remote(step, state, meta, main=main)
         final = self.dir / f"step-{step:08d}"
         tmp = self.dir / f".step-{step:08d}.tmp"
         if main:
@@ -156,19 +179,50 @@ class Checkpointer:
         dist.barrier()
         return final
 
+    def _save_sharded_remote(self, step: int, state: dict[str, Any], meta: dict[str, Any],
+                             *, main: bool) -> str:
+        """save_sharded into a bucket: shards and meta.pt, then the marker."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        final = storage.join(self.dir, f"step-{step:08d}")
+        if main:  # leftovers of a crash mid-save, never marked complete
+            storage.delete(_marker(final))
+            storage.delete(final, recursive=True)
+        dist.barrier()
+        dcp.save(state, storage_writer=FsspecWriter(final, **storage.fs_options(final)))
+        if main:
+            _put(meta, storage.join(final, "meta.pt"))
+            storage.write_bytes(_marker(final), b"")
+            self._prune()
+        dist.barrier()
+        return final
+
     def load_sharded(self, path: str | Path, state: dict[str, Any]) -> None:
         """Fill `state` (the shapes this rank holds now) in place from a DCP directory;
         tensors are resharded by name, so any sharded strategy reads any other's."""
         import torch.distributed.checkpoint as dcp
 
+        if storage.is_remote(path):
+            from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+            dcp.load(state, storage_reader=FsspecReader(path, **storage.fs_options(path)))
+            return
         dcp.load(state, checkpoint_id=Path(path))
 
     def load(self, path: Path) -> dict[str, Any]:
         """A checkpoint file, or a checkpoint directory's meta.pt (shards: load_sharded)."""
+        if self.remote:  # torch.load reads the object's bytes as a file
+            return self._load_from(io.BytesIO(storage.read_bytes(
+                path if path.endswith(".pt") else storage.join(path, "meta.pt"))), path)
+        return self._load_from(path, path)
+
+    def _load_from(self, source: Any, path: Path) -> dict[str, Any]:
         try:
-            if path.is_dir():
+            if not self.remote and path.is_dir():
                 return torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(source, map_location="cpu", weights_only=False)
         except Exception as exc:  # a truncated or foreign file
             kind = type(exc).__name__
             raise CnnflowError(f"{path}: not a readable checkpoint ({kind})") from None
@@ -177,9 +231,26 @@ class Checkpointer:
         """`checkpoint.fresh`: keep old checkpoints, out of the resume path."""
         if not self.complete():
             return None
-        aside = self.dir.with_name(f"{self.dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        if self.remote:
+            storage.move(self.dir, f"{self.dir}.old-{stamp}")
+            return f"{self.dir}.old-{stamp}"
+        aside = self.dir.with_name(f"{self.dir.name}.old-{stamp}")
         shutil.move(str(self.dir), aside)
         return aside
+
+
+def _marker(checkpoint: str) -> str:
+    """`.../step-00000120.done` for `.../step-00000120.pt` or `.../step-00000120`."""
+    return checkpoint.removesuffix(".pt") + ".done"
+
+
+def _put(obj: Any, uri: str) -> None:
+    """torch.save into one object (a single PUT: whole or absent)."""
+    buf = io.BytesIO()
+    with deferred_sigint():
+        torch.save(obj, buf)
+    storage.write_bytes(uri, buf.getvalue())
 
 
 # The settings a resumed run must share with the run that wrote the checkpoint: changing

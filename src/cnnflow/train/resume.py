@@ -22,6 +22,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from cnnflow import storage
 from cnnflow.config import CheckpointConfig
 from cnnflow.distributed.env import DistEnv
 from cnnflow.distributed.strategy import Strategy
@@ -99,7 +100,7 @@ class TrainCheckpointer:
         self.store, self.strategy = store, strategy
         self.optimizer, self.scheduler = optimizer, scheduler
         self.env, self.config, self.identity = env, config, identity
-        self.progress = Progress(Path(config.dir), env.is_main)
+        self.progress = Progress(storage.local_dir(config.dir, "progress"), env.is_main)
 
     def meta(self, state: TrainState) -> dict[str, Any]:
         """The payload beside the strategy's weights and optimizer state (collective:

@@ -5,14 +5,20 @@
     for chunk in data.read_chunks():   # uint8 (n, H, W, C), original order, all N rows
         ...
 
+`prepare.path` may be an object storage prefix (`s3://bucket/raw/`, see
+`cnnflow.storage`): its objects are copied to a local cache first, and the data set's
+params record the URI.
+
 A source knows its labels up front (the split needs them before any image is written)
 and yields images in bounded chunks, so a million-image set never sits in memory whole.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+from cnnflow import storage
 from cnnflow.config import PrepareConfig
 from cnnflow.data.sources.base import SourceData, check_native_shape
 from cnnflow.errors import DataError
@@ -31,6 +37,10 @@ def open_source(
     """
     from cnnflow.data.sources import cifar, digits, idx, imagefolder, synthetic
 
+    given = cfg.path
+    if storage.is_remote(given):  # an object storage prefix: read from a local copy
+        cfg = replace(cfg, path=str(storage.download_dir(
+            given, storage.staging_dir(given, "source"), "source data set", marker=False)))
     openers = {
         "digits": lambda: digits.open_digits(cfg),
         "synthetic": lambda: synthetic.open_synthetic(cfg),
@@ -44,4 +54,7 @@ def open_source(
                                                                  and cfg.path)
     if needs_dir and not Path(cfg.path).is_dir():
         raise DataError(f"{cfg.path}: prepare.path for source {cfg.source!r} is not a directory")
-    return openers[cfg.source]()
+    data = openers[cfg.source]()
+    if "path" in data.params:
+        data.params["path"] = given  # the data set's name, not where it was copied to
+    return data

@@ -1,0 +1,118 @@
+"""The pipeline against a real S3 server (moto's emulator on loopback, see conftest.py):
+prepare -> shard to s3 -> verify -> 2-process torchrun streaming from s3 with checkpoints
+to s3 -> evaluate the model from s3; and a SIGKILLed worker resumes from the s3
+checkpoint to the very weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from cnnflow.config import load_params, to_dict
+from tests.distributed.harness import ROOT
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+# tracking off while training (as in tests/distributed), on (the default store) to evaluate
+TRAIN = ["train.max_steps=24", "train.epochs=2", "tracking.enabled=false",
+         "checkpoint.every_steps=4", "model.width=8", "model.dropout=0", "train.log_every=4",
+         "train.batch_size=32", "evaluate.promote=false"]
+
+
+def cli(*args: str, env: dict, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cnnflow.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=240)
+
+
+def _ok(proc) -> None:
+    assert proc.returncode == 0, (proc.stdout or "")[-3000:] + (proc.stderr or "")[-6000:]
+
+
+def torchrun(params, env, *extra) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *extra, "--nproc_per_node=2",
+            "-m", "cnnflow.train", "--params", str(params)]
+
+
+def params_file(path, bucket, name, work) -> str:
+    overrides = [f"train.shards=s3://{bucket}/shards",
+                 f"checkpoint.dir=s3://{bucket}/{name}-ckpt",
+                 f"train.out_dir=s3://{bucket}/{name}-model", f"prepare.out_dir={work}/prepared",
+                 f"evaluate.out_dir={work}/{name}-reports", *TRAIN]
+    path.write_text(yaml.safe_dump(to_dict(load_params(None, overrides)), sort_keys=False))
+    return str(path)
+
+
+def model_weights(s3, bucket, name) -> dict:
+    keys = s3.keys(bucket, f"{name}-model/")
+    assert f"{name}-model/_SUCCESS" in keys and f"{name}-model/model.pt" in keys, keys
+    body = s3.client().get_object(Bucket=bucket, Key=f"{name}-model/model.pt")["Body"].read()
+    return torch.load(io.BytesIO(body), weights_only=True)
+
+
+@pytest.mark.timeout(900)
+def test_pipeline_on_s3_and_resume_after_sigkill(s3, tmp_path):
+    bucket = s3.bucket()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "CNNFLOW_STORAGE_CACHE_DIR": str(tmp_path / "cache")}
+    work = tmp_path
+    off = ("--set", "tracking.enabled=false")
+    _ok(cli("prepare", *off, "--set", f"prepare.out_dir={work}/prepared", env=env, cwd=work))
+    shard = cli("shard", *off, "--set", f"prepare.out_dir={work}/prepared", "--set",
+                f"shard.out_dir=s3://{bucket}/shards", "--set", "shard.samples_per_shard=128",
+                env=env, cwd=work)
+    _ok(shard)
+    keys = s3.keys(bucket, "shards/")
+    assert "shards/manifest.json" in keys and "shards/train-000000.tar" in keys, keys
+    verified = cli("verify", f"s3://{bucket}/shards", env=env, cwd=work)
+    _ok(verified)
+    assert f"verified s3://{bucket}/shards" in verified.stdout
+
+    ref = params_file(tmp_path / "ref.yaml", bucket, "ref", work)
+    _ok(subprocess.run(torchrun(ref, env, "--standalone"), cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=240))
+    assert "ref-ckpt/step-00000024.done" in s3.keys(bucket, "ref-ckpt/")
+
+    killed = params_file(tmp_path / "k.yaml", bucket, "k", work)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = tmp_path / "torchrun.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            torchrun(killed, env, "--nnodes=1:1", "--max-restarts=1", "--rdzv-backend=c10d",
+                     f"--rdzv-endpoint=127.0.0.1:{port}", "--monitor-interval=0.5"),
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        while time.time() < deadline and "k-ckpt/step-00000004.done" not in s3.keys(
+                bucket, "k-ckpt/"):
+            time.sleep(0.1)
+        assert "k-ckpt/step-00000004.done" in s3.keys(bucket, "k-ckpt/"), log_path.read_text()
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                   if "cnnflow.train" in " ".join(c.cmdline())]
+        assert len(workers) == 2, [w.cmdline() for w in workers]
+        workers[1].send_signal(signal.SIGKILL)
+        assert proc.wait(240) == 0, log_path.read_text()[-5000:]
+    text = log_path.read_text()
+    assert "resumed from s3://" in text, text[-5000:]
+
+    a, b = model_weights(s3, bucket, "ref"), model_weights(s3, bucket, "k")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    evaluated = cli("evaluate", "--params", killed, "--set", "tracking.enabled=true",
+                    env=env, cwd=work)
+    _ok(evaluated)
+    metrics = json.loads((work / "k-reports" / "metrics.json").read_text())
+    assert metrics["test.n"] == 179 and 0.0 <= metrics["test.accuracy"] <= 1.0, metrics
