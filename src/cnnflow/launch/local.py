@@ -33,12 +33,14 @@ retried in place under restartPolicy OnFailure/Always, under ExitCode only for r
 codes (>= 128: killed by a signal), never under Never; runPolicy.backoffLimit caps the
 restarts of the whole job and activeDeadlineSeconds its wall time. When the job fails,
 the other replicas are terminated (SIGTERM, then SIGKILL after `kill_grace_s`).
+SIGTERM/SIGINT to this process acts as deleting the pods: the signal goes to every
+replica, whose whole process tree is SIGKILLed after the pod's
+terminationGracePeriodSeconds (default 30); exit code 128 + the signal, no process left.
 Difference: with restartPolicy Always a replica that exits 0 is not restarted.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -56,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnflow.launch import operator
+from cnnflow.launch.processes import recorded_signals, stop_process_trees
 from cnnflow.launch.validate import ManifestError, load_documents, validate_pytorchjob
 
 log = logging.getLogger("cnnflow")
@@ -82,6 +85,8 @@ class Replica:
     cwd: str
     restart_policy: str
     proc: subprocess.Popen | None = None
+    grace_s: float = 30.0
+    """The pod's terminationGracePeriodSeconds: SIGTERM, then SIGKILL after this."""
     done: bool = False
     threads: list[threading.Thread] = field(default_factory=list)
 
@@ -252,7 +257,8 @@ class LocalJob:
                 inherited = {k: v for k, v in base.items() if k not in unset}  # "not set"
                 replicas.append(Replica(rtype, index, argv,
                                         {**inherited, **env, **self.extra_env},
-                                        cwd, rspec["restartPolicy"]))
+                                        cwd, rspec["restartPolicy"], grace_s=float(
+                                            pod.get("terminationGracePeriodSeconds", 30))))
         return replicas
 
     # ------------------------------------------------------------------ running
@@ -277,19 +283,14 @@ class LocalJob:
         thread.start()
         replica.threads.append(thread)
 
-    def _terminate(self, replicas: Iterable[Replica]) -> None:
+    def _terminate(self, replicas: Iterable[Replica], sig: int = signal.SIGTERM,
+                   grace_s: float | None = None) -> None:
+        """`sig`, then SIGKILL after `grace_s` (default kill_grace_s) to each process tree."""
         alive = [r for r in replicas if r.proc is not None and r.proc.poll() is None]
+        stop_process_trees([r.proc.pid for r in alive], sig,
+                           self.kill_grace_s if grace_s is None else grace_s)
         for r in alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(r.proc.pid, signal.SIGTERM)
-        end = time.monotonic() + self.kill_grace_s
-        for r in alive:
-            try:
-                r.proc.wait(timeout=max(0.0, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(r.proc.pid, signal.SIGKILL)
-                r.proc.wait()
+            r.proc.wait()
 
     def _retryable(self, replica: Replica, code: int) -> bool:
         if replica.restart_policy in ("OnFailure", "Always"):
@@ -301,12 +302,19 @@ class LocalJob:
         kinds = ", ".join(f"{r.label}" for r in self.replicas)
         log.info("PyTorchJob %s: running %s locally (workdir %s)", self.name, kinds, self.workdir)
         start = time.monotonic()
-        restarts = 0
         has_master = any(r.rtype == "Master" for r in self.replicas)
+        with recorded_signals() as stop:
+            return self._supervise(stop, start, has_master, poll_s)
+
+    def _supervise(self, stop: list[int], start: float, has_master: bool,
+                   poll_s: float) -> LocalResult:
+        restarts = 0
         try:
             for r in self.replicas:
                 self._start(r)
             while True:
+                if stop:  # SIGTERM/SIGINT to us: as a pod deletion, to every replica
+                    return self._stopped(stop[0], restarts)
                 for r in self.replicas:
                     if r.done or r.proc.poll() is None:
                         continue
@@ -340,6 +348,13 @@ class LocalJob:
         except BaseException:
             self._terminate(self.replicas)
             raise
+
+    def _stopped(self, signum: int, restarts: int) -> LocalResult:
+        name, grace = signal.Signals(signum).name, max(r.grace_s for r in self.replicas)
+        log.warning("PyTorchJob %s: %s: sent to every replica, SIGKILL after %gs "
+                    "(terminationGracePeriodSeconds)", self.name, name, grace)
+        self._terminate(self.replicas, signum, grace)
+        return self._finish(LocalResult(False, 128 + signum, f"stopped by {name}", restarts))
 
     def _succeeded(self, has_master: bool) -> bool:
         if has_master:
