@@ -118,7 +118,7 @@ def test_sigterm_to_the_torchrun_agent_exits_143_and_resumes_bit_for_bit(ref, di
                                                                          tmp_path):
     params = write_params(tmp_path / "p.yaml", digits_shards, tmp_path, COMMON)
     err, step, path = _preempt(2, params, tmp_path)
-    assert "cnnflow: torchrun: stopped by SIGTERM" in err
+    assert "cnnflow: torchrun: stopped by SIGTERM; exit 143" in err
     # resubmitted on 1 process without train.streams: its batches would differ, refused
     unfixed = write_params(tmp_path / "p1.yaml", digits_shards, tmp_path,
                            [*COMMON, "train.streams=0"])

@@ -38,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except SignalException as exc:
         name = signal.Signals(exc.sigval).name
-        print(f"cnnflow: torchrun: stopped by {name}; workers were given "
-              f"{args.shutdown_timeout or 30}s to checkpoint", file=sys.stderr, flush=True)
-        return 128 + int(exc.sigval)
+        code = 128 + int(exc.sigval)
+        print(f"cnnflow: torchrun: stopped by {name}; exit {code}", file=sys.stderr,
+              flush=True)
+        return code
     except ChildFailedError as exc:
         codes = {rank: _code(f.exitcode) for rank, f in sorted(exc.failures.items())}
         first = _code(exc.get_first_failure()[1].exitcode)

@@ -3,9 +3,11 @@
 `train(params)` runs identically in one process, under torchrun and in a PyTorchJob pod;
 only global rank 0 writes outputs, checkpoints and tracker entries. It resumes from the
 newest complete checkpoint by itself, so a restarted worker (torchrun --max-restarts, a
-PyTorchJob restartPolicy) continues where the job left off. How the model is spread over
-the ranks (DDP, FSDP/HSDP, pipeline, dp x pp) is `distributed.parallelize`'s business: the
-trainer drives a `Strategy` and always writes a single-device model.pt.
+PyTorchJob restartPolicy) continues where the job left off; SIGTERM (preemption) or
+SIGINT finishes the step, checkpoints and exits 143/130 (`train.preempt`). How the model
+is spread over the ranks (DDP, FSDP/HSDP, pipeline, dp x pp) is
+`distributed.parallelize`'s business: the trainer drives a `Strategy` and always writes a
+single-device model.pt.
 
 This module only wires; each piece takes its own config sections:
 
