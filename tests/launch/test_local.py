@@ -94,7 +94,8 @@ def test_elastic_workers_rendezvous_through_pet_variables(tmp_path):
     job = render_job(LaunchConfig(nodes=2, elastic_min_nodes=2, elastic_max_nodes=2),
                      name="elastic-run").documents()[0]
     c = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
-    c["args"] = ["--nproc-per-node=1", "/workspace/rank.py"]
+    assert c["command"] == ["python"] and c["args"][:2] == ["-m", "cnnflow.train.torchrun"]
+    c["args"] = ["-m", "cnnflow.train.torchrun", "--nproc-per-node=1", "/workspace/rank.py"]
     lines: list[str] = []
     assert run_local(job, mounts={"/workspace": str(tmp_path)}, echo=lines.append) == 0
     ranks = sorted(line for line in lines if " rank " in line and " of 2" in line)
@@ -199,7 +200,7 @@ def test_operator_environment_and_volume_mapping(tmp_path):
     assert (worker["RANK"], worker["PET_NODE_RANK"], worker["MASTER_PORT"]) == ("2", "2", port)
     assert master["CNNFLOW_PARENT_RUN_ID"] == "p-1"
     argv = by_label["master-0"].argv
-    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert argv[:3] == [sys.executable, "-m", "cnnflow.train.torchrun"]  # torchrun, exit 143
     params = argv[argv.index("--params") + 1]
     assert yaml.safe_load(Path(params).read_text()) == {"x": 1}  # the ConfigMap, written locally
     assert argv[3:] == ["-m", "cnnflow.train", "--params", params]  # the one channel
@@ -267,7 +268,7 @@ def test_elastic_job_without_rdzv_id_runs_with_torchruns_default(tmp_path, warni
                      name="norid").documents()[0]
     del job["spec"]["elasticPolicy"]["rdzvId"]
     (c,) = _containers(job)
-    c["args"] = ["--nproc-per-node=1", "/workspace/ids.py"]
+    c["args"] = ["-m", "cnnflow.train.torchrun", "--nproc-per-node=1", "/workspace/ids.py"]
     lines: list[str] = []
     local = LocalJob(job, mounts={"/workspace": str(tmp_path)}, echo=lines.append)
     assert [(r.label, "PET_RDZV_ID" in r.env) for r in local.replicas] == [
