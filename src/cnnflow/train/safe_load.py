@@ -40,8 +40,8 @@ def refused(path: Path, exc: Exception) -> CnnflowError:
     named = next((ln.strip() for ln in lines if "GLOBAL" in ln), "")
     if named:
         return UnsafeCheckpointError(
-            f"{path}: refused: not a plain-tensor checkpoint (it holds pickled objects, "
-            f"which loading would run: {named[:160]}); remove it or set "
+            f"{path}: refused: not a plain-tensor checkpoint (loading it would construct "
+            f"pickled objects, which can run code: {named[:160]}); remove it or set "
             "checkpoint.fresh=true")
     return CnnflowError(f"{path}: not a readable checkpoint ({type(exc).__name__})")
 
@@ -65,9 +65,13 @@ class _MetadataUnpickler(pickle.Unpickler):
     """The Python documentation's "restricting globals": only DCP's own metadata."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module in _DCP_MODULES or (module, name) in _DCP_NAMES or (
+        if (module, name) in _DCP_NAMES or (
                 module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
+        if module in _DCP_MODULES:  # the classes defined there, not what it imports
+            found = super().find_class(module, name)
+            if isinstance(found, type) and found.__module__ == module:
+                return found
         raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
 
 
