@@ -7,10 +7,14 @@ the restart semantics use tiny python commands, whose behaviour is easy to scrip
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -90,7 +94,8 @@ def test_elastic_workers_rendezvous_through_pet_variables(tmp_path):
     job = render_job(LaunchConfig(nodes=2, elastic_min_nodes=2, elastic_max_nodes=2),
                      name="elastic-run").documents()[0]
     c = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
-    c["args"] = ["--nproc-per-node=1", "/workspace/rank.py"]
+    assert c["command"] == ["python"] and c["args"][:2] == ["-m", "cnnflow.train.torchrun"]
+    c["args"] = ["-m", "cnnflow.train.torchrun", "--nproc-per-node=1", "/workspace/rank.py"]
     lines: list[str] = []
     assert run_local(job, mounts={"/workspace": str(tmp_path)}, echo=lines.append) == 0
     ranks = sorted(line for line in lines if " rank " in line and " of 2" in line)
@@ -195,7 +200,7 @@ def test_operator_environment_and_volume_mapping(tmp_path):
     assert (worker["RANK"], worker["PET_NODE_RANK"], worker["MASTER_PORT"]) == ("2", "2", port)
     assert master["CNNFLOW_PARENT_RUN_ID"] == "p-1"
     argv = by_label["master-0"].argv
-    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert argv[:3] == [sys.executable, "-m", "cnnflow.train.torchrun"]  # torchrun, exit 143
     params = argv[argv.index("--params") + 1]
     assert yaml.safe_load(Path(params).read_text()) == {"x": 1}  # the ConfigMap, written locally
     assert argv[3:] == ["-m", "cnnflow.train", "--params", params]  # the one channel
@@ -263,7 +268,7 @@ def test_elastic_job_without_rdzv_id_runs_with_torchruns_default(tmp_path, warni
                      name="norid").documents()[0]
     del job["spec"]["elasticPolicy"]["rdzvId"]
     (c,) = _containers(job)
-    c["args"] = ["--nproc-per-node=1", "/workspace/ids.py"]
+    c["args"] = ["-m", "cnnflow.train.torchrun", "--nproc-per-node=1", "/workspace/ids.py"]
     lines: list[str] = []
     local = LocalJob(job, mounts={"/workspace": str(tmp_path)}, echo=lines.append)
     assert [(r.label, "PET_RDZV_ID" in r.env) for r in local.replicas] == [
@@ -375,3 +380,54 @@ def test_value_from_resolves_pod_fields_and_names_the_rest(tmp_path, monkeypatch
         f"PyTorchJob restart-test: {label}: env TOKEN, CPU, UID, OTHER not set: valueFrom "
         "configMapKeyRef, fieldRef metadata.uid, resourceFieldRef, secretKeyRef cannot be "
         "resolved locally" for label in ("master-0", "worker-0")]
+
+
+# Each replica starts a child in a session of its own (as torchrun starts its workers),
+# says so in a file, and waits. The master exits 143 on SIGTERM/SIGINT, leaving its child
+# behind; the worker ignores both: only the grace period's SIGKILL ends it.
+SPAWNS = ("import os, pathlib, signal, subprocess, sys, time\n"
+          "rank = os.environ['RANK']\n"
+          "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],\n"
+          "                         start_new_session=True)\n"
+          "def stop(signum, frame):\n"
+          "    pathlib.Path(sys.argv[1] + '.got-' + str(signum)).touch()\n"
+          "    sys.exit(128 + signum)\n"
+          "for s in (signal.SIGTERM, signal.SIGINT):\n"
+          "    signal.signal(s, stop if rank == '0' else signal.SIG_IGN)\n"
+          "pathlib.Path(sys.argv[1] + '.ready-' + rank).write_text(str(child.pid))\n"
+          "time.sleep(120)\n")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_signal_to_launch_local_reaches_every_replica_and_leaves_no_process(tmp_path, sig):
+    job = _job(tmp_path, SPAWNS, nodes=2, restart_policy="ExitCode")
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        spec["template"]["spec"]["terminationGracePeriodSeconds"] = 2
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    cmd = [sys.executable, "-m", "cnnflow.cli", "launch", str(tmp_path / "job.yaml"),
+           "--local", "--mount", f"/workspace={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    ready = [tmp_path / "marker.ready-0", tmp_path / "marker.ready-1"]
+    deadline = time.monotonic() + 120  # a hang guard: the loop waits for the files
+    while proc.poll() is None and not all(p.exists() for p in ready) and \
+            time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert all(p.exists() for p in ready), proc.communicate()[0][-3000:]
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    assert {int(p.read_text()) for p in ready} <= {p.pid for p in tree}
+    assert len(tree) >= 4  # two replicas, two grandchildren
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, out[-3000:]
+    assert (tmp_path / f"marker.got-{int(sig)}").exists()  # forwarded to the replica
+    assert f"{signal.Signals(sig).name}: sent to every replica, SIGKILL after 2s" in out
+    survivors = [p for p in tree if _alive(p)]
+    assert not survivors, [p.cmdline() for p in survivors]
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -18,6 +18,8 @@ from cnnflow.launch.validate import (
     validate_pytorchjob,
 )
 
+from .conftest import params_text
+
 CONFIGS = {
     "single": LaunchConfig(),
     "ddp": LaunchConfig(nodes=4, restart_policy="ExitCode"),
@@ -100,13 +102,26 @@ def test_the_train_step_resolves_the_final_config_into_the_config_map(tmp_path):
 def test_torchrun_and_elastic_commands():
     tr = render_job(CONFIGS["torchrun"], run_id="r").documents()[0]
     c = tr["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
-    assert c["command"] == ["torchrun"] and c["args"][:2] == ["-m", "cnnflow.train"]
+    assert c["command"] == ["python"]
+    assert c["args"][:4] == ["-m", "cnnflow.train.torchrun", "-m", "cnnflow.train"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
     el = render_job(CONFIGS["elastic"], run_id="r").documents()[0]
     assert list(el["spec"]["pytorchReplicaSpecs"]) == ["Worker"]
     policy = el["spec"]["elasticPolicy"]
     assert (policy["minReplicas"], policy["maxReplicas"], policy["rdzvBackend"]) == (1, 4, "c10d")
     assert policy["rdzvId"] == el["metadata"]["name"]  # unique per job
+
+
+def test_grace_period_covers_the_checkpoint_budget():
+    # SIGTERM on eviction, SIGKILL after terminationGracePeriodSeconds: the pods' budget
+    # (checkpoint.preempt_budget_s, from the params they train with) plus a margin
+    text = params_text(["checkpoint.preempt_budget_s=45"])
+    job = render_job(CONFIGS["torchrun"], run_id="r", params_yaml=text).documents()[1]
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        assert spec["template"]["spec"]["terminationGracePeriodSeconds"] == 45 + 10
+    plain = render_job(CONFIGS["torchrun"], run_id="r").documents()[0]
+    pod = plain["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 30  # default budget 20 s + 10
 
 
 def test_job_name_unique_per_run_and_dns_safe():

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import random
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
 from cnnflow.config import OptimConfig
 from cnnflow.distributed.env import DistributedInitError, read_env
 from cnnflow.train import loop
-from cnnflow.train.checkpoint import Checkpointer, atomic_save
+from cnnflow.train.checkpoint import Checkpointer, atomic_save, rng_state, set_rng_state
 
 
 def test_warmup_then_cosine_reaches_zero():
@@ -142,3 +146,32 @@ def test_augment_gather_and_slice_paths_agree_with_a_per_sample_crop(shape):
         dy, dx = int(offsets[i, 0]), int(offsets[i, 1])
         crop = padded[i, :, dy:dy + h, dx:dx + w]
         assert torch.equal(out[i], crop.flip(-1) if flips[i] else crop)
+
+
+def test_preempt_budget_ends_a_step_that_does_not_finish():
+    # SIGTERM during a step that never ends: after checkpoint.preempt_budget_s the process
+    # exits 143 anyway, with one line naming the last complete checkpoint.
+    code = ("import logging, os, signal, threading\n"
+            "from cnnflow.train.preempt import StopSignal\n"
+            "logging.basicConfig()\n"
+            "stop = StopSignal(budget_s=0.5)\n"
+            "stop.step, stop.latest = 7, lambda: 'ckpt/step-00000004.pt'\n"
+            "with stop.installed():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    threading.Event().wait()  # the step that hangs\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 143, proc.stderr
+    assert "checkpoint.preempt_budget_s=0.5s spent after SIGTERM at step 7 before a " \
+           "checkpoint was written; the last complete checkpoint ckpt/step-00000004.pt is " \
+           "intact" in proc.stderr, proc.stderr
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    ckpt = Checkpointer(tmp_path)
+    path = ckpt.save(1, {"rng": [rng_state()]})
+    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    set_rng_state(ckpt.load(path)["rng"][0])  # torch.load(weights_only=True) inside
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert [random.random() for _ in range(3)] == expected[2]

@@ -32,7 +32,11 @@ class DistributedInitError(CnnflowError):
 
 class LostContactError(CnnflowError):
     """A collective failed: a peer stopped answering (link down, host gone) for the
-    process group's timeout, or closed its connection."""
+    process group's timeout, or closed its connection. Exit code 138 (128 + SIGUSR1),
+    the code the Training Operator reserves for user-defined retryable failures: a lost
+    link is transient, so restartPolicy ExitCode restarts the pod and it resumes."""
+
+    exit_code = 138
 
 
 # What gloo's TCP transport says when a peer is silent for the timeout or goes away.

@@ -29,10 +29,14 @@ replica, configMaps to files written from the ConfigMaps in the same YAML file.
 
 Exit semantics (the operator's): the job succeeds when the Master exits 0 (without a
 Master: when every Worker has, or any one for elastic jobs); a replica's non-zero exit is
-retried in place under restartPolicy OnFailure/Always, under ExitCode only for retryable
-codes (>= 128: killed by a signal), never under Never; runPolicy.backoffLimit caps the
+retried in place under restartPolicy OnFailure/Always, under ExitCode only for the
+operator's retryable codes (130, 137, 143: SIGINT, SIGKILL, SIGTERM; 138: SIGUSR1, for
+user-defined retryable errors), never under Never; runPolicy.backoffLimit caps the
 restarts of the whole job and activeDeadlineSeconds its wall time. When the job fails,
 the other replicas are terminated (SIGTERM, then SIGKILL after `kill_grace_s`).
+SIGTERM/SIGINT to this process acts as deleting the pods: the signal goes to every
+replica, whose whole process tree is SIGKILLed after the pod's
+terminationGracePeriodSeconds (default 30); exit code 128 + the signal, no process left.
 Difference: with restartPolicy Always a replica that exits 0 is not restarted.
 Placement: `hosts` ({replica label: cnnflow.launch.hosts.Host}) runs replicas behind an
 argv prefix (e.g. `ip netns exec NS`) with their pods' addresses there instead of 127.0.0.1.
@@ -40,7 +44,6 @@ argv prefix (e.g. `ip netns exec NS`) with their pods' addresses there instead o
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -59,7 +62,9 @@ from typing import Any
 
 from cnnflow.launch import operator
 from cnnflow.launch.hosts import Host, addr_of, check_hosts, placed_env
+from cnnflow.launch.processes import recorded_signals, stop_process_trees
 from cnnflow.launch.validate import ManifestError, load_documents, validate_pytorchjob
+from cnnflow.launch.volumes import rewriter, volume_dirs
 
 log = logging.getLogger("cnnflow")
 
@@ -85,6 +90,8 @@ class Replica:
     cwd: str
     restart_policy: str
     proc: subprocess.Popen | None = None
+    grace_s: float = 30.0
+    """The pod's terminationGracePeriodSeconds: SIGTERM, then SIGKILL after this."""
     done: bool = False
     threads: list[threading.Thread] = field(default_factory=list)
 
@@ -183,63 +190,6 @@ class LocalJob:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
-    # ------------------------------------------------------------------ planning
-
-    def _volume_dirs(self, pod: dict[str, Any], container: dict[str, Any],
-                     label: str) -> dict[str, str]:
-        """{mountPath: local dir} for the container's volume mounts."""
-        volumes = {v["name"]: v for v in pod.get("volumes") or []}
-        out = {}
-        for vm in container.get("volumeMounts") or []:
-            path, vol = vm["mountPath"], volumes.get(vm["name"])
-            if vol is None:
-                raise ManifestError(f"{self.name}: volumeMount {vm['name']!r} has no volume")
-            if "persistentVolumeClaim" in vol or "hostPath" in vol:
-                claim = (vol.get("persistentVolumeClaim") or {}).get("claimName")
-                local = self.mounts.get(path) or (claim and self.mounts.get(claim))
-                if not local and "hostPath" in vol:
-                    local = vol["hostPath"]["path"]
-                if not local:
-                    raise ManifestError(
-                        f"{self.name}: volume {vm['name']!r} (claim {claim}, mountPath {path}) "
-                        f"has no local directory: map it with {path}=DIR")
-            elif "emptyDir" in vol:
-                local = str(self.workdir / label / vm["name"])
-            elif "configMap" in vol:
-                local = self._config_map_dir(vol, label)
-            else:
-                kind = next((k for k in vol if k != "name"), "?")
-                raise ManifestError(f"{self.name}: volume {vm['name']!r}: {kind} volumes are "
-                                    "not supported locally (PVC, hostPath, emptyDir, configMap)")
-            if vm.get("subPath"):
-                local = str(Path(local) / vm["subPath"])
-            Path(local).mkdir(parents=True, exist_ok=True)
-            out[path] = local
-        return out
-
-    def _config_map_dir(self, vol: dict[str, Any], label: str) -> str:
-        name = vol["configMap"]["name"]
-        if name not in self.config_maps:
-            raise ManifestError(f"{self.name}: configMap {name!r} (volume {vol['name']!r}) is "
-                                "not in the job file")
-        data = self.config_maps[name]
-        items = vol["configMap"].get("items") or [{"key": k, "path": k} for k in data]
-        target = self.workdir / label / f"configmap-{vol['name']}"
-        for item in items:
-            dest = target / item["path"]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_text(data[item["key"]], encoding="utf-8")
-        return str(target)
-
-    @staticmethod
-    def _rewriter(dirs: Mapping[str, str]) -> Callable[[str], str]:
-        if not dirs:
-            return lambda s: s
-        alts = "|".join(re.escape(p.rstrip("/")) for p in sorted(dirs, key=len, reverse=True))
-        pattern = re.compile(rf"(?:^|(?<=[=:,\s]))({alts})(?=/|$|[\s:,;])")
-        table = {p.rstrip("/"): d for p, d in dirs.items()}
-        return lambda s: pattern.sub(lambda mt: table[mt.group(1)], s)
-
     def _plan(self) -> list[Replica]:
         master_port, rdzv_port = free_port(), free_port()
         base = {k: v for k, v in os.environ.items() if not _LAUNCH_VARS.match(k)}
@@ -254,7 +204,8 @@ class LocalJob:
             command = operator.container_argv(container, where)
             for index in range(int(rspec["replicas"])):
                 label = f"{rtype.lower()}-{index}"
-                rewrite = self._rewriter(self._volume_dirs(pod, container, label))
+                rewrite = rewriter(volume_dirs(self.name, pod, container, self.workdir / label,
+                                                 self.mounts, self.config_maps))
                 fields = {**self._pod_fields(rtype, index),
                           "status.podIP": addr_of(self.hosts, label)}
                 values, unset = operator.container_env(container.get("env"), fields,
@@ -277,7 +228,8 @@ class LocalJob:
                 inherited = {k: v for k, v in base.items() if k not in unset}  # "not set"
                 replicas.append(Replica(rtype, index, argv,
                                         {**inherited, **env, **self.extra_env},
-                                        cwd, rspec["restartPolicy"]))
+                                        cwd, rspec["restartPolicy"], grace_s=float(
+                                            pod.get("terminationGracePeriodSeconds", 30))))
         return replicas
 
     # ------------------------------------------------------------------ running
@@ -302,36 +254,38 @@ class LocalJob:
         thread.start()
         replica.threads.append(thread)
 
-    def _terminate(self, replicas: Iterable[Replica]) -> None:
+    def _terminate(self, replicas: Iterable[Replica], sig: int = signal.SIGTERM,
+                   grace_s: float | None = None) -> None:
+        """`sig`, then SIGKILL after `grace_s` (default kill_grace_s) to each process tree."""
         alive = [r for r in replicas if r.proc is not None and r.proc.poll() is None]
+        stop_process_trees([r.proc.pid for r in alive], sig,
+                           self.kill_grace_s if grace_s is None else grace_s)
         for r in alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(r.proc.pid, signal.SIGTERM)
-        end = time.monotonic() + self.kill_grace_s
-        for r in alive:
-            try:
-                r.proc.wait(timeout=max(0.0, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(r.proc.pid, signal.SIGKILL)
-                r.proc.wait()
+            r.proc.wait()
 
     def _retryable(self, replica: Replica, code: int) -> bool:
         if replica.restart_policy in ("OnFailure", "Always"):
             return True
-        return replica.restart_policy == "ExitCode" and code >= 128
+        return replica.restart_policy == "ExitCode" and code in operator.RETRYABLE_EXIT_CODES
 
     def run(self, poll_s: float = 0.05) -> LocalResult:
         """Start every replica, supervise them, and return the job's outcome."""
         kinds = ", ".join(f"{r.label}" for r in self.replicas)
         log.info("PyTorchJob %s: running %s locally (workdir %s)", self.name, kinds, self.workdir)
         start = time.monotonic()
-        restarts = 0
         has_master = any(r.rtype == "Master" for r in self.replicas)
+        with recorded_signals() as stop:
+            return self._supervise(stop, start, has_master, poll_s)
+
+    def _supervise(self, stop: list[int], start: float, has_master: bool,
+                   poll_s: float) -> LocalResult:
+        restarts = 0
         try:
             for r in self.replicas:
                 self._start(r)
             while True:
+                if stop:  # SIGTERM/SIGINT to us: as a pod deletion, to every replica
+                    return self._stopped(stop[0], restarts)
                 for r in self.replicas:
                     if r.done or r.proc.poll() is None:
                         continue
@@ -365,6 +319,13 @@ class LocalJob:
         except BaseException:
             self._terminate(self.replicas)
             raise
+
+    def _stopped(self, signum: int, restarts: int) -> LocalResult:
+        name, grace = signal.Signals(signum).name, max(r.grace_s for r in self.replicas)
+        log.warning("PyTorchJob %s: %s: sent to every replica, SIGKILL after %gs "
+                    "(terminationGracePeriodSeconds)", self.name, name, grace)
+        self._terminate(self.replicas, signum, grace)
+        return self._finish(LocalResult(False, 128 + signum, f"stopped by {name}", restarts))
 
     def _succeeded(self, has_master: bool) -> bool:
         if has_master:

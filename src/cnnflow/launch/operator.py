@@ -28,6 +28,10 @@ from cnnflow.launch.validate import ManifestError
 
 IMAGE_NAME = "cnnflow"
 IMAGE_CMD = ("python", "-m", "cnnflow.train", "--help")  # the Dockerfile's CMD
+RETRYABLE_EXIT_CODES = frozenset({130, 137, 138, 143})
+"""What restartPolicy ExitCode retries (pkg/util/train IsRetryableExitCode): SIGINT,
+SIGKILL and SIGTERM exits, and 138 (SIGUSR1) for user-defined retryable errors; every
+other code (1, 2, 126, 127, 128, 139, ...) is a permanent failure."""
 FIELD_REFS = ("metadata.name", "metadata.namespace", "status.podIP", "spec.nodeName")
 
 

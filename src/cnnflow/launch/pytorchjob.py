@@ -9,8 +9,13 @@ What the job looks like, and why:
   operator's rendezvous endpoint defaults to <job>-worker-0 and scaling acts on Workers.
 - The container is named `pytorch` (the operator looks for it) and runs the single
   training entrypoint: `python -m cnnflow.train` (the operator sets RANK, WORLD_SIZE,
-  MASTER_ADDR/PORT) or, for nproc_per_node > 1 or elastic jobs, `torchrun -m
-  cnnflow.train`, which reads the PET_* variables the operator sets.
+  MASTER_ADDR/PORT) or, for nproc_per_node > 1 or elastic jobs, `python -m
+  cnnflow.train.torchrun -m cnnflow.train`: torchrun (it reads the PET_* variables the
+  operator sets) that exits 143, not 1, when the pod is preempted.
+- Preemption (SIGTERM) is a normal event: the ranks finish the step and checkpoint
+  within checkpoint.preempt_budget_s and exit 143, which restartPolicy ExitCode retries
+  (`cnnflow.train.preempt`); terminationGracePeriodSeconds is that budget plus
+  `GRACE_MARGIN_S`, so the kubelet's SIGKILL comes only after it.
 - The final params.yaml travels in a ConfigMap owned by the job (mounted read-only), the
   pods' only input; shards, checkpoints and outputs live on a PVC under
   <mount_path>/runs/<job>/, so a restarted pod resumes from its checkpoints and the next
@@ -23,6 +28,7 @@ What the job looks like, and why:
 from __future__ import annotations
 
 import hashlib
+import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +48,19 @@ PORT_NAME = "pytorchjob-port"
 PARAMS_DIR = "/etc/cnnflow"
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
+GRACE_MARGIN_S = 10  # process start-up of the signal handler, torchrun's own shutdown
+
+
+def termination_grace_s(params_yaml: str | None) -> int:
+    """terminationGracePeriodSeconds: the pods' checkpoint.preempt_budget_s (from the
+    params.yaml they train with, else the default) plus GRACE_MARGIN_S."""
+    from cnnflow.configs.checkpoint import CheckpointConfig
+
+    budget = CheckpointConfig().preempt_budget_s
+    if params_yaml:
+        section = (yaml.safe_load(params_yaml) or {}).get("checkpoint") or {}
+        budget = float(section.get("preempt_budget_s", budget))
+    return int(math.ceil(budget)) + GRACE_MARGIN_S
 
 
 def job_name(prefix: str, run_id: str = "") -> str:
@@ -119,7 +138,7 @@ def _container(cfg: LaunchConfig, args: list[str], env: dict[str, str],
 
 
 def _pod_template(cfg: LaunchConfig, container: m.V1Container,
-                  params_map: str | None) -> m.V1PodTemplateSpec:
+                  params_map: str | None, grace_s: int) -> m.V1PodTemplateSpec:
     volumes = [
         m.V1Volume(name="data", persistent_volume_claim=m.V1PersistentVolumeClaimVolumeSource(
             claim_name=cfg.volume_claim)),
@@ -142,6 +161,7 @@ def _pod_template(cfg: LaunchConfig, container: m.V1Container,
             volumes=volumes,
             automount_service_account_token=False,
             enable_service_links=False,
+            termination_grace_period_seconds=grace_s,
             node_selector=_kv(cfg.node_selector) or None,
             tolerations=tolerations,
             security_context=m.V1PodSecurityContext(
@@ -158,7 +178,7 @@ def entry_argv(cfg: LaunchConfig, params_map: str | None) -> list[str]:
         # Non-elastic: PET_NNODES/NODE_RANK/MASTER_*/NPROC_PER_NODE come from the operator
         # (or the Trainer). Elastic jobs without a Master get no PET_NPROC_PER_NODE from
         # the operator, so pass it here.
-        argv = ["torchrun"]
+        argv = ["python", "-m", "cnnflow.train.torchrun"]  # torchrun, exit 143 on SIGTERM
         if cfg.elastic:
             argv.append(f"--nproc-per-node={cfg.nproc_per_node}")
         argv += ["-m", "cnnflow.train"]
@@ -200,7 +220,8 @@ def render_job(cfg: LaunchConfig, *, run_id: str = "", name: str = "",
 
     argv = entry_argv(cfg, params_map)
     env = container_env(cfg, identity, parent_run_id)
-    template = _pod_template(cfg, _container(cfg, argv, env, bool(params_map)), params_map)
+    template = _pod_template(cfg, _container(cfg, argv, env, bool(params_map)), params_map,
+                             termination_grace_s(params_yaml))
     replica = {"restart_policy": cfg.restart_policy, "template": template}
     if cfg.elastic:
         specs = {"Worker": m.KubeflowOrgV1ReplicaSpec(replicas=cfg.nodes, **replica)}

@@ -128,6 +128,7 @@ def render_trainjob(cfg: LaunchConfig, *, run_id: str = "", name: str = "",
         container_env,
         entry_argv,
         job_name,
+        termination_grace_s,
     )
 
     name = name or job_name(cfg.name_prefix, run_id)
@@ -137,7 +138,7 @@ def render_trainjob(cfg: LaunchConfig, *, run_id: str = "", name: str = "",
     env = container_env(cfg, identity, parent_run_id)
     container = _container(cfg, argv, env, bool(params_map))
     template = ApiClient().sanitize_for_serialization(
-        _pod_template(cfg, container, params_map))
+        _pod_template(cfg, container, params_map, termination_grace_s(params_yaml)))
     labels = {"app.kubernetes.io/name": "cnnflow", "app.kubernetes.io/component": "train"}
     pod = t.TrainerV1alpha1PodTemplatePatch(
         metadata=t.IoK8sApimachineryPkgApisMetaV1ObjectMeta(labels=labels),

@@ -118,7 +118,7 @@ def to_model(doc: dict[str, Any]):
 def _is_torchrun(container: Any) -> bool:
     argv = [*(container.command or []), *(container.args or [])]
     return any(a == "torchrun" or a.endswith("/torchrun") or a == "torch.distributed.run"
-               for a in argv)
+               or a == "cnnflow.train.torchrun" for a in argv)
 
 
 def validate_pytorchjob(doc: dict[str, Any]):

@@ -37,7 +37,7 @@ import torch
 
 from cnnflow import storage
 from cnnflow.config import OptimConfig, ParallelConfig, TrainConfig
-from cnnflow.errors import CheckpointMismatchError, CnnflowError
+from cnnflow.errors import CheckpointMismatchError
 from cnnflow.fileio import atomic_write
 
 log = logging.getLogger("cnnflow")
@@ -60,10 +60,15 @@ class TrainState:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain data (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": int(version), "internal": [int(v) for v in internal],
+                   "gauss": py_gauss},
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -72,8 +77,10 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    npy, py = state["numpy"], state["python"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["gauss"]))
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -86,8 +93,9 @@ def deferred_sigint() -> Iterator[None]:
     the checkpoint would still be intact (temp file), but the user would get a traceback
     instead of "interrupted; resume from ...". Only the main thread can set handlers.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # not ours to hold, or a handler that only records it (train.preempt)
         return
     caught: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
@@ -201,31 +209,32 @@ class Checkpointer:
 
     def load_sharded(self, path: str | Path, state: dict[str, Any]) -> None:
         """Fill `state` (the shapes this rank holds now) in place from a DCP directory;
-        tensors are resharded by name, so any sharded strategy reads any other's."""
+        tensors are resharded by name, so any sharded strategy reads any other's. Its
+        metadata and non-tensor items are read without unpickling objects (safe_load)."""
         import torch.distributed.checkpoint as dcp
 
-        if storage.is_remote(path):
-            from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+        from cnnflow.train.safe_load import SafePlanner, safe_reader
 
-            dcp.load(state, storage_reader=FsspecReader(path, **storage.fs_options(path)))
-            return
-        dcp.load(state, checkpoint_id=Path(path))
+        where = path if storage.is_remote(path) else Path(path)
+        dcp.load(state, storage_reader=safe_reader(where), planner=SafePlanner(where))
 
     def load(self, path: Path) -> dict[str, Any]:
-        """A checkpoint file, or a checkpoint directory's meta.pt (shards: load_sharded)."""
-        if self.remote:  # torch.load reads the object's bytes as a file
-            return self._load_from(io.BytesIO(storage.read_bytes(
-                path if path.endswith(".pt") else storage.join(path, "meta.pt"))), path)
-        return self._load_from(path, path)
+        """A checkpoint file, or a checkpoint directory's meta.pt (shards: load_sharded);
+        tensors and plain data only (weights_only=True): a file that would construct
+        other objects is refused with one line, never run."""
+        from cnnflow.train.safe_load import load_plain, safe_reader
 
-    def _load_from(self, source: Any, path: Path) -> dict[str, Any]:
-        try:
-            if not self.remote and path.is_dir():
-                return torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
-            return torch.load(source, map_location="cpu", weights_only=False)
-        except Exception as exc:  # a truncated or foreign file
-            kind = type(exc).__name__
-            raise CnnflowError(f"{path}: not a readable checkpoint ({kind})") from None
+        if self.remote:  # torch.load reads the object's bytes as a file
+            if str(path).endswith(".pt"):
+                return load_plain(io.BytesIO(storage.read_bytes(path)), path)
+            safe_reader(path).read_metadata()  # a crafted .metadata: refused, on all ranks
+            meta = storage.join(path, "meta.pt")
+            return load_plain(io.BytesIO(storage.read_bytes(meta)), meta)
+        if path.is_dir():
+            meta = load_plain(path / "meta.pt")
+            safe_reader(path).read_metadata()  # a crafted .metadata: refused here, on all ranks
+            return meta
+        return load_plain(path)
 
     def move_aside(self) -> Path | None:
         """`checkpoint.fresh`: keep old checkpoints, out of the resume path."""
@@ -265,9 +274,10 @@ _TRAJECTORY_KEYS = {
 }
 
 
-def trajectory_config(*, optim: OptimConfig, train: TrainConfig, parallel: ParallelConfig
-                      ) -> dict[str, Any]:
-    """`section.key -> value` of every setting that shapes the training trajectory."""
+def trajectory_config(*, optim: OptimConfig, train: TrainConfig, parallel: ParallelConfig,
+                      streams: int = 0) -> dict[str, Any]:
+    """`section.key -> value` of every setting that shapes the training trajectory;
+    train.streams as the run resolved it (`streams`: 0 means one per rank)."""
     from dataclasses import asdict
 
     out = {f"optim.{k}": v for k, v in asdict(optim).items()}
@@ -275,7 +285,29 @@ def trajectory_config(*, optim: OptimConfig, train: TrainConfig, parallel: Paral
     for section, keys in _TRAJECTORY_KEYS.items():
         values = asdict(sections[section])
         out.update({f"{section}.{k}": values[k] for k in keys})
+    if streams:
+        out["train.streams"] = streams
     return out
+
+
+def check_world_size(payload: dict[str, Any], path: Path, trajectory: dict[str, Any],
+                     world_size: int) -> None:
+    """A checkpoint resumes at another world size when its batches stay the same: the
+    same number of data streams (train.streams fixes them; 0 = one per rank does not).
+    Refuse, naming both, when they would change."""
+    theirs_world = payload.get("world_size")
+    theirs = payload.get("trajectory")
+    if theirs_world is None or theirs is None:
+        return
+    theirs_streams = theirs.get("train.streams") or theirs_world  # 0: one per rank
+    theirs["train.streams"] = theirs_streams  # resolved, as check_compatible compares it
+    streams = trajectory.get("train.streams")
+    if theirs_world != world_size and theirs_streams != streams:
+        raise CheckpointMismatchError(
+            f"{path}: written by {theirs_world} ranks drawing each batch from "
+            f"{theirs_streams} data streams, this run has {world_size} ranks and {streams}; "
+            f"the batches would differ: set train.streams={theirs_streams} (a multiple of "
+            "the data-parallel world size) to resume it, or checkpoint.fresh=true")
 
 
 def check_compatible(payload: dict[str, Any], model_config: dict, dataset_version: str,

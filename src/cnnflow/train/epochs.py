@@ -15,8 +15,10 @@ rank in the same order.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 from cnnflow.config import TrainConfig
@@ -25,6 +27,7 @@ from cnnflow.tracking import Tracker
 from cnnflow.tracking.files import epoch_row
 from cnnflow.train import metrics as m
 from cnnflow.train.checkpoint import TrainState
+from cnnflow.train.preempt import Preempted, StopSignal
 
 log = logging.getLogger("cnnflow")
 
@@ -34,7 +37,9 @@ class Checkpointing(Protocol):
 
     def mark(self, step: int) -> None: ...
 
-    def save(self, state: TrainState) -> None: ...
+    def save(self, state: TrainState) -> Path | None: ...
+
+    def latest(self) -> Path | None: ...
 
 
 class Batches(Protocol):
@@ -49,13 +54,17 @@ class EpochLoop:
     def __init__(self, strategy: Strategy, optimizer, scheduler, *, data: Batches,
                  validate: Callable[[], dict[str, float]], checkpointer: Checkpointing,
                  tracker: Tracker, config: TrainConfig, total_steps: int,
-                 distributed: bool, is_main: bool, profiler: Any = None) -> None:
+                 distributed: bool, is_main: bool, profiler: Any = None,
+                 stop: StopSignal | None = None) -> None:
         self.strategy, self.optimizer, self.scheduler = strategy, optimizer, scheduler
         self.data, self.validate = data, validate
         self.checkpointer, self.tracker = checkpointer, tracker
         self.epochs, self.log_every = config.epochs, config.log_every
         self.total_steps = total_steps
         self.distributed, self.is_main, self.profiler = distributed, is_main, profiler
+        self.stop = stop
+        if stop is not None:
+            stop.latest = checkpointer.latest
 
     @property
     def lr(self) -> float:
@@ -100,8 +109,24 @@ class EpochLoop:
         if step % self.log_every == 0 or step == self.total_steps:
             mean = m.mean_over_ranks(loss, self.distributed, self.strategy.loss_ranks)
             self.tracker.log_metrics(m.step_metrics(mean, self.lr), step)
-        if self.checkpointer.due(step):
+        saved = self.checkpointer.due(step)
+        if saved:
             self.checkpointer.save(state)
+        if self.stop is not None:
+            self._stop_if_asked(state, saved)
+
+    def _stop_if_asked(self, state: TrainState, saved: bool) -> None:
+        """Every rank: when any rank got SIGTERM/SIGINT, checkpoint this step (all ranks
+        together) and raise Preempted (train.preempt)."""
+        self.stop.step = state.step
+        signum = self.stop.agreed(self.distributed)
+        if not signum or state.step >= self.total_steps:
+            return  # the last step: finishing the run is the shorter way out
+        path = self.checkpointer.latest() if saved else self.checkpointer.save(state)
+        if self.is_main:
+            what = "preempted" if signum == signal.SIGTERM else "interrupted"
+            log.warning("%s at step %d, checkpoint %s", what, state.step, path)
+        raise Preempted(signum, state.step, str(path) if path else None)
 
     def _end_epoch(self, meter: m.EpochMeter, state: TrainState) -> dict[str, float]:
         epoch_done = state.batch_in_epoch >= self.data.steps_per_epoch

@@ -10,6 +10,16 @@ The payload: the strategy's weights and optimizer state (one file, or DCP shards
 scheduler, the `TrainState` (data position, history), every rank's RNG state, and what a
 resumed run must share with this one (model config, dataset version, trajectory
 settings; `check_compatible`). `cnnflow.train.checkpoint` is the store underneath.
+Loading runs no code from the files (`cnnflow.train.safe_load`).
+
+Another world size (elastic scale-down, a job resubmitted with other resources) resumes
+the same trajectory when the batches stay the same: train.streams fixes how each global
+batch is drawn, whatever the number of ranks (`cnnflow.train.data`), and a one-file
+(DDP) checkpoint or DCP shards load at any world size. A checkpoint whose streams were
+"one per rank" (train.streams=0) and would now be others is refused with one line
+(`check_world_size`). What still differs: BatchNorm statistics are per rank's part of
+the batch (model.norm=group does not depend on it), and float sums are taken in
+another order (the final weights agree within 1e-5 relative, not bit for bit).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from cnnflow.train.checkpoint import (
     Checkpointer,
     TrainState,
     check_compatible,
+    check_world_size,
     rng_state,
     set_rng_state,
 )
@@ -110,9 +121,11 @@ class TrainCheckpointer:
                 "dataset_version": self.identity.dataset_version,
                 "world_size": self.env.world_size, "trajectory": self.identity.trajectory}
 
-    def save(self, state: TrainState) -> None:
-        """Checkpoint `state` at its step; every rank calls this."""
+    def save(self, state: TrainState) -> Path | None:
+        """Checkpoint `state` at its step; every rank calls this. The checkpoint's path on
+        rank 0 (None elsewhere)."""
         self.strategy.save(self.store, state.step, self.optimizer, self.meta(state))
+        return self.store.latest() if self.env.is_main else None
 
     def due(self, step: int) -> bool:
         """`checkpoint.every_steps` says to save after `step` (epoch ends always save)."""
@@ -164,10 +177,16 @@ class TrainCheckpointer:
             return None
         payload = self.store.load(path)
         ident = self.identity
+        check_world_size(payload, path, ident.trajectory, env.world_size)
         check_compatible(payload, ident.model_config, ident.dataset_version, path,
                          ident.trajectory)
-        if payload.get("world_size") != env.world_size:
-            log.warning("resuming %s written by %s ranks with %d ranks: data order changes",
-                        path, payload.get("world_size"), env.world_size)
+        if payload.get("world_size") != env.world_size and env.is_main:
+            norm = ident.model_config.get("norm")
+            why = (f"; model.norm={norm} normalises over each rank's part of the batch, so "
+                   "the trajectory differs from an uninterrupted run (group keeps it)"
+                   if norm == "batch" else "")
+            log.warning("resuming %s written by %s ranks with %d ranks: the same %s data "
+                        "streams, so the same batches%s", path, payload.get("world_size"),
+                        env.world_size, ident.trajectory.get("train.streams"), why)
         payload["_path"] = str(path)
         return payload

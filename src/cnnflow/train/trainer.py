@@ -3,9 +3,11 @@
 `train(params)` runs identically in one process, under torchrun and in a PyTorchJob pod;
 only global rank 0 writes outputs, checkpoints and tracker entries. It resumes from the
 newest complete checkpoint by itself, so a restarted worker (torchrun --max-restarts, a
-PyTorchJob restartPolicy) continues where the job left off. How the model is spread over
-the ranks (DDP, FSDP/HSDP, pipeline, dp x pp) is `distributed.parallelize`'s business: the
-trainer drives a `Strategy` and always writes a single-device model.pt.
+PyTorchJob restartPolicy) continues where the job left off; SIGTERM (preemption) or
+SIGINT finishes the step, checkpoints and exits 143/130 (`train.preempt`). How the model
+is spread over the ranks (DDP, FSDP/HSDP, pipeline, dp x pp) is
+`distributed.parallelize`'s business: the trainer drives a `Strategy` and always writes a
+single-device model.pt.
 
 This module only wires; each piece takes its own config sections:
 
@@ -42,6 +44,7 @@ from cnnflow.train import loop
 from cnnflow.train.checkpoint import Checkpointer, TrainState, deferred_sigint, trajectory_config
 from cnnflow.train.data import ShardSet, open_shards, train_streams
 from cnnflow.train.epochs import EpochLoop
+from cnnflow.train.preempt import StopSignal
 from cnnflow.train.profiling import start_profiler
 from cnnflow.train.resume import CheckpointIdentity, TrainCheckpointer
 
@@ -52,19 +55,23 @@ def train(params: Params, *, tracker: Tracker | None = None, env: DistEnv | None
           ) -> dict[str, Any]:
     """Train `params.model` on `params.train.shards`; return the final summary."""
     tc, pc = params.train, params.parallel
-    env = env or init_distributed(pc.backend, pc.init_timeout_s, tc.threads)
-    try:
-        return _train(params, env, tracker if env.is_main and tracker else NullTracker())
-    except RuntimeError as exc:  # gloo's transport errors are bare RuntimeErrors
-        lost = lost_contact(exc, env, pc.init_timeout_s)
-        if lost is None:
-            raise
-        raise lost from None
-    finally:
-        shutdown()
+    stop = StopSignal(params.checkpoint.preempt_budget_s)
+    with stop.installed():  # SIGTERM/SIGINT: finish the step, checkpoint, exit (preempt)
+        env = env or init_distributed(pc.backend, pc.init_timeout_s, tc.threads)
+        try:
+            return _train(params, env, tracker if env.is_main and tracker else NullTracker(),
+                          stop)
+        except RuntimeError as exc:  # gloo's transport errors are bare RuntimeErrors
+            lost = lost_contact(exc, env, pc.init_timeout_s)
+            if lost is None:
+                raise
+            raise lost from None
+        finally:
+            shutdown()
 
 
-def _train(params: Params, env: DistEnv, tracker: Tracker) -> dict[str, Any]:
+def _train(params: Params, env: DistEnv, tracker: Tracker, stop: StopSignal
+           ) -> dict[str, Any]:
     tc, cc = params.train, params.checkpoint
     degrees = resolve_degrees(params.parallel, env.world_size, env.rank)
     shards = open_shards(tc.shards or params.shard.out_dir, tc.dataset_version)
@@ -74,7 +81,8 @@ def _train(params: Params, env: DistEnv, tracker: Tracker) -> dict[str, Any]:
     total_steps = _total_steps(tc, data.steps_per_epoch)
     optimizer, scheduler = _optimization(strategy, params.optim, tc, total_steps,
                                          data.steps_per_epoch)
-    trajectory = trajectory_config(optim=params.optim, train=tc, parallel=params.parallel)
+    trajectory = trajectory_config(optim=params.optim, train=tc, parallel=params.parallel,
+                                   streams=data.streams)
     checkpointer = TrainCheckpointer(
         Checkpointer(cc.dir, cc.keep, enabled=env.is_main), strategy, optimizer, scheduler,
         env=env, config=cc, identity=CheckpointIdentity(model_cfg, shards.version, trajectory))
@@ -98,7 +106,7 @@ def _train(params: Params, env: DistEnv, tracker: Tracker) -> dict[str, Any]:
         validate=lambda: strategy.evaluate(shards.val_batches(strategy.data_rank,
                                                               strategy.data_world)),
         config=tc, total_steps=total_steps, distributed=env.distributed,
-        is_main=env.is_main, profiler=start_profiler(tc, env))
+        is_main=env.is_main, profiler=start_profiler(tc, env), stop=stop)
     _run(epochs, state, checkpointer)
     return _finish(strategy, state, shards, model_cfg, env, files)
 
@@ -132,7 +140,8 @@ def _optimization(strategy: Strategy, oc: OptimConfig, tc: TrainConfig, total_st
 
 
 def _run(epochs: EpochLoop, state: TrainState, checkpointer: TrainCheckpointer) -> None:
-    """The epochs; Ctrl-C becomes one line naming the checkpoint a rerun resumes from."""
+    """The epochs. SIGTERM/SIGINT end them with a checkpoint (Preempted, exit 128 + the
+    signal); a second Ctrl-C becomes one line naming the checkpoint a rerun resumes from."""
     try:
         epochs.run(state)
     except KeyboardInterrupt:
