@@ -115,7 +115,8 @@ def test_the_postgres_overlay_runs_a_statefulset_with_its_own_volume():
 
 def test_the_readmes_secrets_hold_every_key_the_manifests_read():
     """`kubectl create secret` as the README writes it (placeholders filled, client-side
-    dry run: no cluster), against every secretKeyRef in the postgres overlay."""
+    dry run: no cluster), against every secretKeyRef in the postgres overlay: the MLflow
+server's and the example training job's."""
     lines = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()
              if line.strip().startswith("kubectl -n cnnflow create secret generic ")]
     created = {}
@@ -136,6 +137,8 @@ def test_the_readmes_secrets_hold_every_key_the_manifests_read():
                     ref = (e.get("valueFrom") or {}).get("secretKeyRef")
                     if ref:
                         read.setdefault(ref["name"], set()).add(ref["key"])
-    assert set(read) == {"mlflow-db", "mlflow-s3", "mlflow-admin"}
+    # the server's, and the training pods' (MLflow's login, the data bucket's keys)
+    secrets = {"mlflow-db", "mlflow-s3", "mlflow-admin", "mlflow-client", "cnnflow-storage"}
+    assert set(read) == secrets
     assert all(read[name] <= created[name] for name in read), (read, created)
-    assert set(created) == {"mlflow-db", "mlflow-s3", "mlflow-admin", "mlflow-client"}
+    assert set(created) == secrets

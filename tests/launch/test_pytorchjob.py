@@ -63,9 +63,16 @@ def test_job_contents():
     # one channel: the params ConfigMap; the argv names only the file
     assert c["args"] == ["-m", "cnnflow.train", "--params", "/etc/cnnflow/params.yaml"]
     assert r.documents()[0]["data"] == {"params.yaml": "x: 1\n"}
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
     assert env == {"HOME": "/tmp", "KFP_RUN_ID": "run-42", "CNNFLOW_GIT_COMMIT": "abc",
                    "CNNFLOW_PARENT_RUN_ID": "p-9", "A": "1"}
+    # credentials only as optional secretKeyRefs (MLflow's login, the object store's keys)
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "value" not in e}
+    assert refs == {
+        "MLFLOW_TRACKING_USERNAME": {"name": "mlflow-client", "key": "username", "optional": True},
+        "MLFLOW_TRACKING_PASSWORD": {"name": "mlflow-client", "key": "password", "optional": True},
+        **{k: {"name": "cnnflow-storage", "key": k, "optional": True}
+           for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")}}
     assert {v["name"] for v in pod["volumes"]} == {"data", "tmp", "dshm", "params"}
     assert pod["securityContext"]["runAsUser"] == 1000
     assert r.out_dir == f"/workspace/runs/{r.name}/train"

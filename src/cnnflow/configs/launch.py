@@ -25,6 +25,14 @@ _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MAX_JOB_NAME = 48
 
 
+CREDENTIAL_KEYS = {"username": "MLFLOW_TRACKING_USERNAME",
+                   "password": "MLFLOW_TRACKING_PASSWORD"}
+"""The keys of launch.mlflow_secret and the variables MLflow's client reads them from."""
+STORAGE_KEYS = {key: key for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                     "AWS_ENDPOINT_URL")}
+"""The keys of launch.storage_secret: the variables boto3/s3fs read (cnnflow.storage)."""
+
+
 def check_image(image: str, key: str = "launch.image") -> str:
     """Refuse an image reference without a tag or digest (`cnnflow` -> error, `cnnflow:0.1`)."""
     match = _IMAGE.match(image or "")
@@ -115,6 +123,14 @@ class LaunchConfig:
     false = delete it as soon as the launcher has its result and logs."""
     env: list[str] = field(default_factory=list)
     """Extra NAME=value variables for the training container."""
+    mlflow_secret: str = "mlflow-client"
+    """Secret whose `username` and `password` keys the training pods get as
+    MLFLOW_TRACKING_USERNAME/PASSWORD (MLflow's basic auth, manifests/base/mlflow.yaml);
+    optional: without that Secret the pods send no credentials. "" = never."""
+    storage_secret: str = "cnnflow-storage"
+    """Secret whose AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL keys the
+    training pods (and the pipeline's steps) get as those variables, for s3:// shards,
+    checkpoints and models; optional, each key too. "" = never."""
     node_selector: list[str] = field(default_factory=list)
     """key=value node labels the pods must match (e.g. a GPU node pool)."""
     local_mounts: list[str] = field(default_factory=list)

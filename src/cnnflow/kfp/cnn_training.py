@@ -31,7 +31,11 @@ Pod security (cluster): every step runs as uid/gid 1000, runAsNonRoot
 backend's compiler adds allowPrivilegeEscalation: false, capabilities drop ALL and seccomp
 RuntimeDefault to every container it runs. kfp-kubernetes has no readOnlyRootFilesystem
 setting, so the steps' root filesystem stays writable (the training pods' is read-only);
-manifests/README.md says what the namespace enforces.
+manifests/README.md says what the namespace enforces. MLflow's login comes from the Secret
+launch.mlflow_secret names (default mlflow-client; keys username, password) as
+MLFLOW_TRACKING_USERNAME/PASSWORD, the object store's from launch.storage_secret (default
+cnnflow-storage; AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL), both
+optional, as the training pods get them (the Secret names are the compiled defaults).
 
 Why not `dsl.TaskConfig` passthrough (kfp >= 2.15) for the job's resources and env: the
 job's resources are run parameters (launch.cpu, launch.memory, launch.gpus, per replica)
@@ -50,7 +54,7 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 
-from cnnflow.configs.launch import check_image
+from cnnflow.configs.launch import CREDENTIAL_KEYS, STORAGE_KEYS, LaunchConfig, check_image
 from cnnflow.kfp import components as c
 from cnnflow.kfp.params import WORKSPACE, encode, kfp_name, pipeline_parameters
 
@@ -111,6 +115,12 @@ def _configure(task: dsl.PipelineTask, step: str, *, local: bool, claim: Any,
         task.set_retry(num_retries=RETRIES[step], backoff_duration="30s", backoff_factor=2.0,
                        backoff_max_duration="600s")
     kubernetes.mount_pvc(task, pvc_name=claim, mount_path=MOUNT_PATH)
+    # MLflow's login and the object store's, as the training pods get them: optional
+    defaults = LaunchConfig()
+    for secret, keys in ((defaults.mlflow_secret, CREDENTIAL_KEYS),
+                         (defaults.storage_secret, STORAGE_KEYS)):
+        kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys,
+                                     optional=True)
 
 
 def build_pipeline(local: bool = False, image: str = c.BASE_IMAGE):

@@ -38,7 +38,7 @@ import yaml
 from kubeflow.training import models as m
 from kubeflow.training.api_client import ApiClient
 
-from cnnflow.configs.launch import MAX_JOB_NAME, LaunchConfig
+from cnnflow.configs.launch import CREDENTIAL_KEYS, MAX_JOB_NAME, STORAGE_KEYS, LaunchConfig
 from cnnflow.launch import run_paths
 
 API_VERSION = "kubeflow.org/v1"
@@ -104,6 +104,16 @@ def _kv(items: Sequence[str]) -> dict[str, str]:
     return dict(item.split("=", 1) for item in items)
 
 
+def secret_env(cfg: LaunchConfig) -> list[m.V1EnvVar]:
+    """MLflow's login (launch.mlflow_secret) and the object store's (launch.storage_secret)
+    as secretKeyRefs, each optional: no Secret, no variable. The values never pass through
+    the launcher or the params."""
+    pairs = [(cfg.mlflow_secret, CREDENTIAL_KEYS), (cfg.storage_secret, STORAGE_KEYS)]
+    return [m.V1EnvVar(name=var, value_from=m.V1EnvVarSource(secret_key_ref=m.V1SecretKeySelector(
+        name=secret, key=key, optional=True)))
+        for secret, keys in pairs if secret for key, var in keys.items()]
+
+
 def _container(cfg: LaunchConfig, args: list[str], env: dict[str, str],
                params: bool) -> m.V1Container:
     requests = {"cpu": cfg.cpu, "memory": cfg.memory}
@@ -123,7 +133,7 @@ def _container(cfg: LaunchConfig, args: list[str], env: dict[str, str],
         image_pull_policy="IfNotPresent",
         command=args[:1],
         args=args[1:],
-        env=[m.V1EnvVar(name=k, value=v) for k, v in env.items()],
+        env=[m.V1EnvVar(name=k, value=v) for k, v in env.items()] + secret_env(cfg),
         ports=[m.V1ContainerPort(name=PORT_NAME, container_port=cfg.port, protocol="TCP")],
         resources=m.V1ResourceRequirements(requests=requests, limits=limits),
         volume_mounts=mounts,

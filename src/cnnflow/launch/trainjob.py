@@ -154,7 +154,8 @@ def render_trainjob(cfg: LaunchConfig, *, run_id: str = "", name: str = "",
         num_proc_per_node=cfg.nproc_per_node,
         resources_per_node=t.IoK8sApiCoreV1ResourceRequirements.from_dict(
             template["spec"]["containers"][0]["resources"]),
-        env=[t.IoK8sApiCoreV1EnvVar(name=k, value=v) for k, v in env.items()])
+        env=[t.IoK8sApiCoreV1EnvVar.from_dict(e)  # the values and the secretKeyRefs
+             for e in template["spec"]["containers"][0]["env"]])
     job = t.TrainerV1alpha1TrainJob(
         api_version=API_VERSION, kind=KIND,
         metadata=t.IoK8sApimachineryPkgApisMetaV1ObjectMeta(
