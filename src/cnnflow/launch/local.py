@@ -137,6 +137,7 @@ class LocalJob:
 
     replica_types: tuple[str, ...] = ("Master", "Worker")
     container = "pytorch"
+    kind = "PyTorchJob"
     master_label = "master-0"
     """The replica whose address is MASTER_ADDR when placed on `hosts`."""
 
@@ -161,9 +162,9 @@ class LocalJob:
         self.deadline_s: int | None = spec["runPolicy"].get("activeDeadlineSeconds")
         self.elastic = spec.get("elasticPolicy")
         if (self.elastic or {}).get("metrics"):
-            log.warning("PyTorchJob %s: spec.elasticPolicy.metrics ignored locally (they "
+            log.warning("%s %s: spec.elasticPolicy.metrics ignored locally (they "
                         "drive the HorizontalPodAutoscaler on a cluster): %s Worker "
-                        "replicas, no autoscaling", self.name,
+                        "replicas, no autoscaling", self.kind, self.name,
                         spec["pytorchReplicaSpecs"]["Worker"]["replicas"])
         try:
             self.replicas = self._plan()
@@ -200,7 +201,7 @@ class LocalJob:
                 continue
             pod = rspec["template"]["spec"]
             container = next(c for c in pod["containers"] if c["name"] == self.container)
-            where = f"PyTorchJob {self.name}: spec.pytorchReplicaSpecs.{rtype}"
+            where = f"{self.kind} {self.name}: spec.pytorchReplicaSpecs.{rtype}"
             command = operator.container_argv(container, where)
             for index in range(int(rspec["replicas"])):
                 label = f"{rtype.lower()}-{index}"
@@ -211,8 +212,8 @@ class LocalJob:
                 values, unset = operator.container_env(container.get("env"), fields,
                                                        self.config_maps)
                 if unset:
-                    log.warning("PyTorchJob %s: %s: env %s not set: valueFrom %s cannot be "
-                                "resolved locally", self.name, label, ", ".join(unset),
+                    log.warning("%s %s: %s: env %s not set: valueFrom %s cannot be "
+                                "resolved locally", self.kind, self.name, label, ", ".join(unset),
                                 ", ".join(sorted(set(unset.values()))))
                 env = {k: rewrite(v) for k, v in values.items()}
                 env.update(placed_env(self._pod_env(rtype, index, master_port, rdzv_port),
@@ -247,7 +248,7 @@ class LocalJob:
                 replica.argv, env=replica.env, cwd=replica.cwd, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as exc:  # the command is looked up on this machine
-            raise ManifestError(f"PyTorchJob {self.name}: {replica.label}: cannot run "
+            raise ManifestError(f"{self.kind} {self.name}: {replica.label}: cannot run "
                                 f"{replica.argv[0]!r} here: {exc.strerror}") from None
         thread = threading.Thread(target=self._pump, args=(replica, replica.proc.stdout),
                                   daemon=True)
@@ -271,7 +272,8 @@ class LocalJob:
     def run(self, poll_s: float = 0.05) -> LocalResult:
         """Start every replica, supervise them, and return the job's outcome."""
         kinds = ", ".join(f"{r.label}" for r in self.replicas)
-        log.info("PyTorchJob %s: running %s locally (workdir %s)", self.name, kinds, self.workdir)
+        log.info("%s %s: running %s locally (workdir %s)", self.kind, self.name, kinds,
+                 self.workdir)
         start = time.monotonic()
         has_master = any(r.rtype == "Master" for r in self.replicas)
         with recorded_signals() as stop:
@@ -296,9 +298,10 @@ class LocalJob:
                     limit = self.backoff_limit
                     if self._retryable(r, code) and (limit is None or restarts < limit):
                         restarts += 1
-                        log.warning("PyTorchJob %s: %s exited with code %d; restarting "
+                        log.warning("%s %s: %s exited with code %d; restarting "
                                     "(restartPolicy %s, restart %d of backoffLimit %s)",
-                                    self.name, r.label, code, r.restart_policy, restarts, limit)
+                                    self.kind, self.name, r.label, code, r.restart_policy,
+                                    restarts, limit)
                         self._start(r)
                         continue
                     why = (f"backoffLimit={limit} reached" if self._retryable(r, code)
@@ -322,8 +325,8 @@ class LocalJob:
 
     def _stopped(self, signum: int, restarts: int) -> LocalResult:
         name, grace = signal.Signals(signum).name, max(r.grace_s for r in self.replicas)
-        log.warning("PyTorchJob %s: %s: sent to every replica, SIGKILL after %gs "
-                    "(terminationGracePeriodSeconds)", self.name, name, grace)
+        log.warning("%s %s: %s: sent to every replica, SIGKILL after %gs "
+                    "(terminationGracePeriodSeconds)", self.kind, self.name, name, grace)
         self._terminate(self.replicas, signum, grace)
         return self._finish(LocalResult(False, 128 + signum, f"stopped by {name}", restarts))
 
@@ -352,10 +355,10 @@ class LocalJob:
         if self._own_workdir:  # emptyDirs and configMap files live as long as the pods
             shutil.rmtree(self.workdir, ignore_errors=True)
         if result.succeeded:
-            log.info("PyTorchJob %s succeeded locally (%d restarts)", self.name,
+            log.info("%s %s succeeded locally (%d restarts)", self.kind, self.name,
                      result.restarts)
         else:
-            log.error("PyTorchJob %s failed: %s", self.name, result.reason)
+            log.error("%s %s failed: %s", self.kind, self.name, result.reason)
         return result
 
 

@@ -136,6 +136,7 @@ class LocalTrainJob(LocalJob):
 
     replica_types = ("Node",)
     container = NODE
+    kind = KIND
     master_label = "node-0"
 
     def _load(self, source: Any) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
