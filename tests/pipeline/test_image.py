@@ -2,8 +2,8 @@
 training job's (launch.image), and the steps' pods carry the security context.
 
 The job is rendered as the train step renders it (`cnnflow.launch.plan_job` with the
-params the compiled pipeline hands the train step by default), for the PyTorchJob kind.
-Hook: once `launch.kind: trainjob` exists, render that kind too and check its image.
+params the compiled pipeline hands the train step by default), for both kinds: the
+PyTorchJob and the TrainJob (launch.kind=trainjob).
 """
 
 from __future__ import annotations
@@ -49,16 +49,23 @@ def test_compile_with_image_sets_every_step_and_the_training_job(tmp_path):
 
     image = _train_image(pipeline)
     assert image == IMAGE
-    params = load_params(None, [f"launch.image={image}", "launch.backend=kubernetes"])
-    rendered, _, _ = plan_job(params, shards="/workspace/data/shards",
-                              workspace="/workspace", run_id="run-1", pod_view=True)
-    job = rendered.documents()[-1]
+    jobs = {}
+    for kind in ("pytorchjob", "trainjob"):
+        params = load_params(None, [f"launch.image={image}", "launch.backend=kubernetes",
+                                    f"launch.kind={kind}"])
+        rendered, _, _ = plan_job(params, shards="/workspace/data/shards",
+                                  workspace="/workspace", run_id="run-1", pod_view=True)
+        jobs[kind] = rendered.documents()[-1]
+    job = jobs["pytorchjob"]
     assert job["kind"] == "PyTorchJob"
     for rtype, spec in job["spec"]["pytorchReplicaSpecs"].items():
         (container,) = spec["template"]["spec"]["containers"]
         assert container["image"] == IMAGE, rtype
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["CNNFLOW_IMAGE"] == IMAGE, rtype  # -> the train run's cnnflow.image tag
+    trainer = jobs["trainjob"]["spec"]["trainer"]
+    assert jobs["trainjob"]["kind"] == "TrainJob" and trainer["image"] == IMAGE
+    assert {e["name"]: e.get("value") for e in trainer["env"]}["CNNFLOW_IMAGE"] == IMAGE
 
 
 def test_steps_run_as_the_image_user_with_requests_and_limits(tmp_path):

@@ -177,5 +177,8 @@ def launch_training(params: Params, *, shards: str = "", workspace: str | Path =
     result = LocalJob(rendered, mounts=mounts, echo=echo).run()
     if not result.succeeded:
         kind = rendered.documents()[-1]["kind"]
-        raise LaunchError(f"{kind} {name} failed locally: {result.reason}")
+        error = LaunchError(f"{kind} {name} failed locally: {result.reason}")
+        if result.stopped:  # preempted: 143/130, as the replicas exit (retryable)
+            error.exit_code = result.exit_code
+        raise error
     return LaunchResult("local", name, out_dir, ckpt_dir)

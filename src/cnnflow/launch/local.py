@@ -106,6 +106,8 @@ class LocalResult:
     exit_code: int
     reason: str
     restarts: int
+    stopped: bool = False
+    """Ended by SIGTERM/SIGINT to this process (exit_code 128 + the signal)."""
 
 
 def _exit_code(returncode: int) -> int:
@@ -328,7 +330,8 @@ class LocalJob:
         log.warning("%s %s: %s: sent to every replica, SIGKILL after %gs "
                     "(terminationGracePeriodSeconds)", self.kind, self.name, name, grace)
         self._terminate(self.replicas, signum, grace)
-        return self._finish(LocalResult(False, 128 + signum, f"stopped by {name}", restarts))
+        return self._finish(LocalResult(False, 128 + signum, f"stopped by {name}", restarts,
+                                        stopped=True))
 
     def _succeeded(self, has_master: bool) -> bool:
         if has_master:
