@@ -5,6 +5,7 @@ both on free loopback ports, both gone when their context manager exits.
         pg.uri("mlflow")              # postgresql://cnnflow:<password>@127.0.0.1:<port>/mlflow
     with s3_server() as s3:           # moto's S3 emulator (ThreadedMotoServer)
         s3.client().create_bucket(Bucket="b")
+    server = MlflowServer(["--store", ...], env, cwd); server.wait_ready(); server.stop()
 
 PostgreSQL comes from the distribution's server package (Debian: `postgresql`); the
 binaries are found on PATH or in `pg_config --bindir`. Without them the fixture fails with
@@ -16,11 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +33,7 @@ from pathlib import Path
 import pytest
 
 PG_USER = "cnnflow"
+CNNFLOW = str(Path(sys.executable).with_name("cnnflow"))
 
 
 def free_port() -> int:
@@ -174,3 +180,40 @@ def s3_server() -> Iterator[S3]:
         yield S3(f"http://127.0.0.1:{port}")
     finally:
         server.stop()
+
+
+class MlflowServer:
+    """`cnnflow mlflow-server ...` in its own process group; ready once it prints its
+    banner (after /health answered). Its output is kept for failure messages."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([CNNFLOW, "mlflow-server", "--port", str(self.port),
+                                      *args], env=env, cwd=cwd, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.lines: list[str] = []
+        self._banner: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("MLflow server at"):
+                self._banner.put(line)
+        self._banner.put("")  # exited
+
+    def wait_ready(self, timeout_s: float = 300) -> str:
+        banner = self._banner.get(timeout=timeout_s)
+        assert banner, f"the server exited ({self.proc.wait()}):\n{''.join(self.lines)[-3000:]}"
+        return banner
+
+    def stop(self) -> int:
+        """SIGTERM, as kubectl delete sends it: the server stops and says so."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # nothing left behind

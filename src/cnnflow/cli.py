@@ -22,6 +22,7 @@ import typer
 
 from cnnflow.config import Params, load_params
 from cnnflow.errors import CnnflowError
+from cnnflow.progress import setup_logging as _setup_logging
 
 app = typer.Typer(
     add_completion=False,
@@ -61,20 +62,6 @@ def _params(path: Path | None, overrides: list[str] | None) -> Params:
         default = Path("params.yaml")
         path = default if default.is_file() else None
     return load_params(path, overrides or [])
-
-
-def _setup_logging() -> None:
-    """cnnflow's own log lines to stderr at $CNNFLOW_LOG_LEVEL (default INFO). Other
-    libraries keep Python's default (warnings and errors only): their INFO lines, e.g.
-    kfp.local's, are not ours to show."""
-    level = os.environ.get("CNNFLOW_LOG_LEVEL", "INFO").upper()
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: "
-                                               "%(message)s"))
-        log.addHandler(handler)
-    log.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
-    log.propagate = False
 
 
 @app.command()
@@ -263,13 +250,11 @@ def mlflow_server(
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 5000,
     allowed_hosts: Annotated[str, typer.Option(
-        "--allowed-hosts", help="Comma-separated Host headers the server accepts, passed to "
-                                "`mlflow server --allowed-hosts`; a Host header carries the "
-                                "port: mlflow.cnnflow.svc:5000 (or mlflow.cnnflow.svc:*). "
-                                "Replaces MLflow's default (localhost and private IPs).")] = "",
+        "--allowed-hosts", help="Comma-separated Host headers to accept, with the port "
+                                "(mlflow.cnnflow.svc:5000, or :*), instead of MLflow's "
+                                "default (localhost and private IPs).")] = "",
     workers: Annotated[int, typer.Option(
-        "--workers", help="Server worker processes (more than 1 needs a store other than "
-                          "sqlite: PostgreSQL).")] = 1,
+        "--workers", help="Worker processes (> 1 needs PostgreSQL).")] = 1,
     auth: Annotated[str, typer.Option(
         "--auth", help="Require a login: MLflow's basic-auth app with this config "
                        "(basic_auth.ini; admin from MLFLOW_AUTH_ADMIN_USERNAME/PASSWORD "
@@ -396,15 +381,12 @@ def main() -> None:
         print("cnnflow: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:  # a full disk or an I/O error no stage named: still one line
-        from cnnflow.fileio import storage_reason
+        from cnnflow.fileio import storage_error_line
 
-        reason = storage_reason(exc)
-        if reason is None:
+        line = storage_error_line(exc)
+        if line is None:
             raise
-        where = getattr(exc, "filename", None)
-        print(f"cnnflow: error: {reason} while writing "
-              f"{where or 'an output (' + (str(exc).splitlines() or [''])[0] + ')'}",
-              file=sys.stderr)
+        print(f"cnnflow: error: {line}", file=sys.stderr)
         sys.exit(1)
 
 

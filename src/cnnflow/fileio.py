@@ -60,6 +60,17 @@ def storage_reason(exc: BaseException) -> str | None:
     return None
 
 
+def storage_error_line(exc: BaseException) -> str | None:
+    """The one line for a disk-full or I/O error that no stage named (`storage_reason`
+    while writing the file the exception names, else its first line); None otherwise."""
+    reason = storage_reason(exc)
+    if reason is None:
+        return None
+    where = getattr(exc, "filename", None)
+    first = (str(exc).splitlines() or [""])[0]
+    return f"{reason} while writing {where or f'an output ({first})'}"
+
+
 def raise_storage(exc: BaseException, doing: str) -> None:
     """Raise StorageError "<reason> while <doing>" from a storage fault; return otherwise."""
     reason = storage_reason(exc)

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 log = logging.getLogger("cnnflow")
+
+
+def setup_logging() -> None:
+    """cnnflow's own log lines to stderr at $CNNFLOW_LOG_LEVEL (default INFO). Other
+    libraries keep Python's default (warnings and errors only): their INFO lines, e.g.
+    kfp.local's, are not ours to show."""
+    level = os.environ.get("CNNFLOW_LOG_LEVEL", "INFO").upper()
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: "
+                                               "%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
+    log.propagate = False
 
 
 class _Lines:

@@ -1,7 +1,7 @@
 """A real S3 server on loopback for the storage tests: moto's server mode, an S3
-emulator (not AWS), started once per session on a free port. boto3 and s3fs talk to it
-over HTTP exactly as to a bucket elsewhere; IAM authentication is switched on, so a wrong
-key is refused as it would be by S3.
+emulator (not AWS), started once per session on a free port, in its own process. boto3
+and s3fs talk to it over HTTP exactly as to a bucket elsewhere; IAM authentication is
+switched on, so a wrong key is refused as it would be by S3.
 
     s3.env          AWS_ENDPOINT_URL and a valid key pair, for os.environ or subprocesses
     s3.bucket()     a new, empty bucket's name
@@ -10,8 +10,11 @@ key is refused as it would be by S3.
 from __future__ import annotations
 
 import json
-import logging
+import os
 import socket
+import subprocess
+import sys
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -56,27 +59,45 @@ class S3:
 
 
 @pytest.fixture(scope="session")
-def s3_server():
+def s3_server(tmp_path_factory):
+    """moto's server in a process of its own (`python -m moto.server`), so that its IAM
+    checks (on after the first few bootstrap calls) are its own: another S3 emulator a
+    test starts in this process (tests/servers.py) keeps answering without them."""
     import boto3
-    from moto import settings
-    from moto.server import ThreadedMotoServer
 
-    settings.INITIAL_NO_AUTH_ACTION_COUNT = _AUTH_FREE_ACTIONS  # this process's server only
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
-                       aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
-    iam.create_user(UserName="cnnflow")
-    key = iam.create_access_key(UserName="cnnflow")["AccessKey"]
-    iam.put_user_policy(UserName="cnnflow", PolicyName="all", PolicyDocument=json.dumps(
-        {"Version": "2012-10-17",
-         "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-    yield S3(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
-    server.stop()
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(_AUTH_FREE_ACTIONS)}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                 "-p", str(port)], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(port):  # the server's socket is up: a condition, not a delay
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        endpoint = f"http://127.0.0.1:{port}"
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                           aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+        iam.create_user(UserName="cnnflow")
+        key = iam.create_access_key(UserName="cnnflow")["AccessKey"]
+        iam.put_user_policy(UserName="cnnflow", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17",
+             "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        yield S3(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ each is one line naming the URI or setting, a non-zero exit, and nothing half-wr
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -26,8 +27,11 @@ def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode != 0, proc.stdout
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    # cnnflow's log lines (timestamped, e.g. what a verified split cost) may precede it
+    lines = [line for line in proc.stderr.splitlines()
+             if line.strip() and not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ", line)]
     assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("cnnflow: error: "), proc.stderr
     return lines[0]
 
 

@@ -1,7 +1,9 @@
-"""The pipeline against a real S3 server (moto's emulator on loopback, see conftest.py):
-prepare -> shard to s3 -> verify -> 2-process torchrun streaming from s3 with checkpoints
-to s3 -> evaluate the model from s3; and a SIGKILLed worker resumes from the s3
-checkpoint to the very weights of an uninterrupted run."""
+"""The pipeline against real servers: an S3 emulator (moto's server mode on loopback, see
+conftest.py) and PostgreSQL (tests/servers.py), with `cnnflow mlflow-server` on that
+database and its artifacts in the bucket. prepare -> shard to s3 -> verify -> 2-process
+torchrun streaming from s3 with checkpoints to s3, tracked in that server -> evaluate
+the model from s3, which registers it there; and a SIGKILLed worker resumes from the s3
+checkpoint to the very weights of the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ import yaml
 
 from cnnflow.config import load_params, to_dict
 from tests.distributed.harness import ROOT
+from tests.servers import MlflowServer, postgres_server
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-# tracking off while training (as in tests/distributed), on (the default store) to evaluate
+# tracking off for the interrupted run, on (the PostgreSQL-backed server) for the other
 TRAIN = ["train.max_steps=24", "train.epochs=2", "tracking.enabled=false",
          "checkpoint.every_steps=4", "model.width=8", "model.dropout=0", "train.log_every=4",
          "train.batch_size=32", "evaluate.promote=false"]
@@ -44,11 +47,11 @@ def torchrun(params, env, *extra) -> list[str]:
             "-m", "cnnflow.train", "--params", str(params)]
 
 
-def params_file(path, bucket, name, work) -> str:
+def params_file(path, bucket, name, work, *tracking: str) -> str:
     overrides = [f"train.shards=s3://{bucket}/shards",
                  f"checkpoint.dir=s3://{bucket}/{name}-ckpt",
                  f"train.out_dir=s3://{bucket}/{name}-model", f"prepare.out_dir={work}/prepared",
-                 f"evaluate.out_dir={work}/{name}-reports", *TRAIN]
+                 f"evaluate.out_dir={work}/{name}-reports", *TRAIN, *tracking]
     path.write_text(yaml.safe_dump(to_dict(load_params(None, overrides)), sort_keys=False))
     return str(path)
 
@@ -60,9 +63,26 @@ def model_weights(s3, bucket, name) -> dict:
     return torch.load(io.BytesIO(body), weights_only=True)
 
 
-@pytest.mark.timeout(900)
-def test_pipeline_on_s3_and_resume_after_sigkill(s3, tmp_path):
+@pytest.fixture
+def mlflow_on_postgres(s3, tmp_path):
+    """`cnnflow mlflow-server --store postgresql://... --artifacts s3://B/mlflow`, as the
+    README's "Storage on a cluster" runs it; (server, database, bucket)."""
     bucket = s3.bucket()
+    with postgres_server() as pg:
+        pg.create_database("mlflow")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        server = MlflowServer(["--store", f"postgresql://{pg.user}@127.0.0.1:{pg.port}/mlflow",
+                               "--artifacts", f"s3://{bucket}/mlflow"],
+                              {**env, **s3.env, "PGPASSWORD": pg.password}, tmp_path)
+        try:
+            yield server, pg, bucket
+        finally:
+            server.stop()
+
+
+@pytest.mark.timeout(900)
+def test_pipeline_on_s3_and_resume_after_sigkill(s3, mlflow_on_postgres, tmp_path):
+    server, pg, bucket = mlflow_on_postgres
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "CNNFLOW_STORAGE_CACHE_DIR": str(tmp_path / "cache")}
     work = tmp_path
@@ -78,7 +98,9 @@ def test_pipeline_on_s3_and_resume_after_sigkill(s3, tmp_path):
     _ok(verified)
     assert f"verified s3://{bucket}/shards" in verified.stdout
 
-    ref = params_file(tmp_path / "ref.yaml", bucket, "ref", work)
+    tracked = ("tracking.enabled=true", f"tracking.uri={server.url}")
+    ref = params_file(tmp_path / "ref.yaml", bucket, "ref", work, *tracked)
+    server.wait_ready()
     _ok(subprocess.run(torchrun(ref, env, "--standalone"), cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=240))
     assert "ref-ckpt/step-00000024.done" in s3.keys(bucket, "ref-ckpt/")
@@ -111,8 +133,22 @@ def test_pipeline_on_s3_and_resume_after_sigkill(s3, tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
-    evaluated = cli("evaluate", "--params", killed, "--set", "tracking.enabled=true",
-                    env=env, cwd=work)
+    evaluated = cli("evaluate", "--params", ref, env=env, cwd=work)
     _ok(evaluated)
-    metrics = json.loads((work / "k-reports" / "metrics.json").read_text())
+    metrics = json.loads((work / "ref-reports" / "metrics.json").read_text())
     assert metrics["test.n"] == 179 and 0.0 <= metrics["test.accuracy"] <= 1.0, metrics
+    # registered in the server: the version in PostgreSQL, its model's files in the bucket
+    from mlflow import MlflowClient
+
+    version = MlflowClient(server.url).get_model_version_by_alias("cnnflow", "challenger")
+    assert version.version == "1" and version.status == "READY"
+    conn = pg.connect("mlflow")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT name, version, source FROM model_versions")
+            rows = cur.fetchall()
+    finally:
+        conn.close()
+    assert rows == [("cnnflow", 1, version.source)], rows
+    logged = [k for k in s3.keys(bucket, "mlflow/") if k.endswith("/MLmodel")]
+    assert logged, s3.keys(bucket, "mlflow/")

@@ -7,19 +7,16 @@ Bad storage is one line and a non-zero exit, before any server starts."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import queue
-import signal
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.servers import MlflowServer as Server
 from tests.servers import free_port, postgres_server, s3_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a server start, migrations
@@ -52,43 +49,6 @@ def _env(pg, s3, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("CNNFLOW_", "KFP_", "DVC_", "MLFLOW_", "PG"))}
     return {**env, **s3.env, "PGPASSWORD": pg.password, **extra}
-
-
-class Server:
-    """`cnnflow mlflow-server ...` in its own process group; ready once it prints its
-    banner (after /health answered). Its output is kept for failure messages."""
-
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([CNNFLOW, "mlflow-server", "--port", str(self.port),
-                                      *args], env=env, cwd=cwd, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.lines: list[str] = []
-        self._banner: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if line.startswith("MLflow server at"):
-                self._banner.put(line)
-        self._banner.put("")  # exited
-
-    def wait_ready(self, timeout_s: float = 300) -> str:
-        banner = self._banner.get(timeout=timeout_s)
-        assert banner, f"the server exited ({self.proc.wait()}):\n{''.join(self.lines)[-3000:]}"
-        return banner
-
-    def stop(self) -> int:
-        """SIGTERM, as kubectl delete sends it: the server stops and says so."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(60)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)  # nothing left behind
 
 
 def _rows(pg, sql: str, *args) -> list[tuple]:
