@@ -24,9 +24,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	@$(VENV)/bin/cnnflow pipeline run
 
-## test: the whole suite (unit, distributed, pipeline)
+## test: the whole suite (unit, distributed, pipeline), in 2 worker processes (a test
+## file stays on one worker: its module fixtures are built once); the slowest are listed
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench components pipelines

@@ -168,6 +168,7 @@ def test_launch_training_renders_a_trainjob_for_the_kubernetes_backend(tmp_path)
     final = params_from_dict(yaml.safe_load(cm["data"]["params.yaml"]))
     assert final.optim.lr == 0.05 and final.train.out_dir == result.out_dir
     assert job["spec"]["trainer"]["command"] == [
-        "torchrun", "-m", "cnnflow.train", "--params", "/etc/cnnflow/params.yaml"]
-    env = {e["name"]: e["value"] for e in job["spec"]["trainer"]["env"]}
+        "python", "-m", "cnnflow.train.torchrun", "-m", "cnnflow.train", "--params",
+        "/etc/cnnflow/params.yaml"]
+    env = {e["name"]: e["value"] for e in job["spec"]["trainer"]["env"] if "value" in e}
     assert env["CNNFLOW_IMAGE"] == "cnnflow:0.1.0" and env["HOME"] == "/tmp"

@@ -149,7 +149,7 @@ def _operator(pod_dir: Path, seen: dict):
         (container,) = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
             "containers"]
         seen.update(job=job, container=container)
-        env = {e["name"]: e["value"] for e in container["env"]}
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
         env.update(PATH=os.environ["PATH"], PYTHONPATH=os.environ.get("PYTHONPATH", ""),
                    RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT="29500")
@@ -195,7 +195,7 @@ def test_the_training_pods_and_evaluate_log_into_the_kfp_tree(kfp_backend, shard
         monkeypatch.chdir(tmp_path)
         comps.train.python_func(params=text, workspace=str(ws), kfp_run_id=kfp_backend.kfp_run,
                                 shards=shards_in, model=model)
-    env = {e["name"]: e["value"] for e in seen["container"]["env"]}
+    env = {e["name"]: e["value"] for e in seen["container"]["env"] if "value" in e}
     assert env["CNNFLOW_PARENT_RUN_ID"] == train_task  # the job's only MLflow channel
     assert "MLFLOW_RUN_ID" not in env and "MLFLOW_TRACKING_URI" not in env
     assert seen["container"]["image"] == IMAGE
@@ -257,7 +257,13 @@ def test_the_job_carries_the_workspace_and_auth_provider_never_credentials(monke
     assert "secret-" not in text
     (container,) = rendered.documents()[-1]["spec"]["pytorchReplicaSpecs"]["Master"][
         "template"]["spec"]["containers"]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     assert env["MLFLOW_WORKSPACE"] == "team-a"
     assert env["MLFLOW_TRACKING_AUTH"] == "kubernetes-namespaced"
     assert env["CNNFLOW_PARENT_RUN_ID"] == "a" * 32
+    # credentials never as values: only MLflow's login, as optional secretKeyRefs
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]
+            if "valueFrom" in e and e["name"].startswith("MLFLOW_")}
+    assert refs == {"MLFLOW_TRACKING_USERNAME": "mlflow-client",
+                    "MLFLOW_TRACKING_PASSWORD": "mlflow-client"}
+    assert not {"MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD"} & set(env)

@@ -104,13 +104,17 @@ def pod_fields(job: dict[str, Any], rtype: str, index: int) -> dict[str, str]:
 def container_env(entries: list[dict[str, Any]] | None, fields: Mapping[str, str],
                   config_maps: Mapping[str, Mapping[str, str]]
                   ) -> tuple[dict[str, str], dict[str, str]]:
-    """({name: value}, {name: its unresolved valueFrom source}) for a container's `env`."""
+    """({name: value}, {name: its unresolved valueFrom source}) for a container's `env`.
+    An optional secretKeyRef is left unset without a word, as Kubernetes leaves it when
+    the Secret is absent (there are no Secrets here): a value this process has stays."""
     env: dict[str, str] = {}
     unresolved: dict[str, str] = {}
     for entry in entries or []:
         name, source = entry["name"], entry.get("valueFrom")
         if source is None:
             env[name] = str(entry.get("value", ""))
+            continue
+        if (source.get("secretKeyRef") or {}).get("optional"):
             continue
         path = (source.get("fieldRef") or {}).get("fieldPath")
         ref = source.get("configMapKeyRef") or {}
