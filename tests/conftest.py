@@ -1,5 +1,6 @@
-"""Session-wide fixtures: the digits shards every layer trains on, and a safety net so
-that no test writes the repository's own mlflow/ store."""
+"""Session-wide fixtures: the digits shards every layer trains on, a safety net so that
+no test writes the repository's own mlflow/ store, and each test's environment restored
+after it."""
 
 from __future__ import annotations
 
@@ -36,3 +37,16 @@ def _isolated_tracking_store(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _restored_environment():
+    """os.environ as it was before the test. Steps called in-process (a KFP component's
+    python_func, `run_local`) set the run's identity there (KFP_RUN_ID, CNNFLOW_RUNNER,
+    CNNFLOW_PARENT_RUN_ID, ...) as a step's own process would; it must not reach the
+    next test on the same worker, whose subprocesses would inherit it."""
+    saved = dict(os.environ)
+    yield
+    for name in set(os.environ) - set(saved):
+        del os.environ[name]
+    os.environ.update(saved)
