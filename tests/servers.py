@@ -3,7 +3,7 @@ both on free loopback ports, both gone when their context manager exits.
 
     with postgres_server() as pg:     # initdb + pg_ctl in a temporary directory
         pg.uri("mlflow")              # postgresql://cnnflow:<password>@127.0.0.1:<port>/mlflow
-    with s3_server() as s3:           # moto's S3 emulator (ThreadedMotoServer)
+    with s3_server() as s3:           # moto's S3 emulator, in its own process
         s3.client().create_bucket(Bucket="b")
     server = MlflowServer(["--store", ...], env, cwd); server.wait_ready(); server.stop()
 
@@ -16,6 +16,7 @@ the cluster runs as the `postgres` user, in a directory it owns.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import secrets
@@ -26,8 +27,10 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -143,23 +146,32 @@ def postgres_server() -> Iterator[Postgres]:
 
 @dataclass
 class S3:
-    """A running S3 emulator at `endpoint`, with the credentials clients must send."""
+    """A running S3 emulator at `endpoint`, with the key pair clients must send."""
 
     endpoint: str
+    key: str = "testing"
+    secret: str = field(default="testing", repr=False)
     region: str = "us-east-1"
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
-        """What a client process (mlflow server, dvc, boto3) needs to reach it."""
-        return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        """What a client process (mlflow server, dvc, boto3, cnnflow) needs to reach it."""
+        return {"AWS_ACCESS_KEY_ID": self.key, "AWS_SECRET_ACCESS_KEY": self.secret,
                 "AWS_DEFAULT_REGION": self.region, "AWS_ENDPOINT_URL": self.endpoint,
-                "MLFLOW_S3_ENDPOINT_URL": self.endpoint}
+                "MLFLOW_S3_ENDPOINT_URL": self.endpoint, **self.extra_env}
 
     def client(self):
         import boto3
 
         return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.region,
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
+                            aws_access_key_id=self.key, aws_secret_access_key=self.secret)
+
+    def bucket(self) -> str:
+        """A new, empty bucket's name."""
+        name = f"b-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
 
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
@@ -167,19 +179,62 @@ class S3:
         return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
 
 
-@contextlib.contextmanager
-def s3_server() -> Iterator[S3]:
-    """An S3 emulator: moto's server mode (ThreadedMotoServer) on a free loopback port,
-    in this process; other processes reach it over HTTP. Its state lives in memory."""
-    from moto.server import ThreadedMotoServer
+_IAM_BOOTSTRAP_CALLS = 3  # create_user, create_access_key, put_user_policy: then keys count
 
+
+def _answers(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextlib.contextmanager
+def s3_server(*, iam: bool = False) -> Iterator[S3]:
+    """moto's S3 emulator (`python -m moto.server`) in a process of its own, on a free
+    loopback port: each server's buckets are its own, whoever else runs one. With `iam`,
+    authentication is on once a user and its key pair exist, so a wrong key is refused as
+    S3 refuses it."""
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    root = Path(tempfile.mkdtemp(prefix="cnnflow-s3-"))
+    env = {**os.environ}
+    if iam:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(_IAM_BOOTSTRAP_CALLS)
+    with open(root / "server.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                 "-p", str(port)], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield S3(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 120
+        while not _answers(port):  # the server's socket is up: a condition, not a delay
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (root / "server.log").read_text()[-3000:]
+            time.sleep(0.05)
+        server = S3(f"http://127.0.0.1:{port}")
+        if iam:
+            server = _with_iam_user(server)
+        yield server
     finally:
-        server.stop()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _with_iam_user(server: S3) -> S3:
+    """A user allowed everything, and the server's key pair for it."""
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=server.endpoint, region_name=server.region,
+                       aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+    iam.create_user(UserName="cnnflow")
+    key = iam.create_access_key(UserName="cnnflow")["AccessKey"]
+    iam.put_user_policy(UserName="cnnflow", PolicyName="all", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17",
+         "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    return replace(server, key=key["AccessKeyId"], secret=key["SecretAccessKey"])
 
 
 class MlflowServer:

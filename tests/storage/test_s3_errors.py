@@ -16,7 +16,7 @@ from cnnflow.data.loader import build_loader
 from cnnflow.data.manifest import verify_shards
 from cnnflow.data.shards import write_shards
 from cnnflow.errors import ShardError
-from tests.storage.conftest import free_port
+from tests.servers import free_port
 
 
 def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
