@@ -185,10 +185,12 @@ def nested_name(inner: str, outer: str) -> str | None:
 
 def mark_output(stage: str, directory: str | os.PathLike) -> None:
     """Write the marker of `stage` into `directory` (created if absent), unless it holds
-    that marker already."""
+    that marker already. An object storage prefix gets none (see claim_output)."""
     from cnnflow import __version__
     from cnnflow.fileio import write_json
 
+    if is_remote(_local(directory)):
+        return
     path, owner = Path(_local(directory)), {"stage": stage, "version": __version__}
     if not (path.is_dir() and read_marker(path) == owner):
         write_json(path / MARKER, owner)

@@ -22,7 +22,6 @@ import torch
 import yaml
 
 from cnnflow.config import load_params, to_dict
-from tests.distributed.harness import ROOT
 from tests.servers import MlflowServer, postgres_server
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -101,7 +100,7 @@ def test_pipeline_on_s3_and_resume_after_sigkill(s3, mlflow_on_postgres, tmp_pat
     tracked = ("tracking.enabled=true", f"tracking.uri={server.url}")
     ref = params_file(tmp_path / "ref.yaml", bucket, "ref", work, *tracked)
     server.wait_ready()
-    _ok(subprocess.run(torchrun(ref, env, "--standalone"), cwd=ROOT, env=env,
+    _ok(subprocess.run(torchrun(ref, env, "--standalone"), cwd=work, env=env,
                        capture_output=True, text=True, timeout=240))
     assert "ref-ckpt/step-00000024.done" in s3.keys(bucket, "ref-ckpt/")
 
@@ -114,7 +113,7 @@ def test_pipeline_on_s3_and_resume_after_sigkill(s3, mlflow_on_postgres, tmp_pat
         proc = subprocess.Popen(
             torchrun(killed, env, "--nnodes=1:1", "--max-restarts=1", "--rdzv-backend=c10d",
                      f"--rdzv-endpoint=127.0.0.1:{port}", "--monitor-interval=0.5"),
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 180
         while time.time() < deadline and "k-ckpt/step-00000004.done" not in s3.keys(
                 bucket, "k-ckpt/"):
@@ -155,3 +154,5 @@ def test_pipeline_on_s3_and_resume_after_sigkill(s3, mlflow_on_postgres, tmp_pat
     assert rows == [("cnnflow", 1, version.source)], rows
     logged = [k for k in s3.keys(bucket, "mlflow/") if k.endswith("/MLmodel")]
     assert logged, s3.keys(bucket, "mlflow/")
+    # the s3:// outputs left nothing on local disk where the jobs ran
+    assert not (work / "s3:").exists(), sorted(p.name for p in work.iterdir())

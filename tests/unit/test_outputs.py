@@ -173,3 +173,15 @@ def test_checkpoints_nested_in_the_train_dir_belong_to_it(tmp_path, monkeypatch)
     assert claim_output("checkpoint", "checkpoint.dir", "run/ckpt") == tmp_path / "run/ckpt"
     with pytest.raises(OutputError, match=r"holds files cnnflow did not write \(ckpt/\)"):
         claim_output("train", "train.out_dir", "run")
+
+
+def test_an_object_storage_prefix_gets_no_local_marker(tmp_path, monkeypatch):
+    """s3:// outputs are checked and marked in the bucket's own way: nothing appears in
+    the working directory (a path of "s3:/bucket/..." would)."""
+    from cnnflow.outputs import claim_output, mark_output
+
+    monkeypatch.chdir(tmp_path)
+    assert claim_output("train", "train.out_dir", "s3://bucket/model") is None
+    mark_output("train", "s3://bucket/model")
+    mark_output("checkpoint", "s3://bucket/ckpt")
+    assert list(tmp_path.iterdir()) == []
