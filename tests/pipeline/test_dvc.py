@@ -71,59 +71,6 @@ def _metrics(work: Path) -> dict:
     return json.loads((work / "reports" / "metrics.json").read_text())
 
 
-def test_repro_then_noop_then_param_change(repo):
-    work, env = repo
-    first = _run([str(BIN / "dvc"), "repro"], work, env)
-    for stage in ("prepare", "shard", "train", "evaluate"):
-        assert f"Running stage '{stage}'" in first.stdout
-    assert (work / "outputs" / "train" / "model.pt").is_file()
-    assert 0.5 < _metrics(work)["test.accuracy"] <= 1
-    _run(["git", "add", "-A"], work, env)
-    _run(["git", "commit", "-qm", "first repro"], work, env)
-
-    again = _run([str(BIN / "dvc"), "repro"], work, env)
-    assert "Data and pipelines are up to date" in again.stdout
-    assert "Running stage" not in again.stdout
-
-    _set(work / "params.yaml", "optim.lr", 0.05)
-    changed = _run([str(BIN / "dvc"), "repro"], work, env)
-    assert "Stage 'prepare' didn't change" in changed.stdout
-    assert "Stage 'shard' didn't change" in changed.stdout
-    assert "Running stage 'train'" in changed.stdout
-    assert "Running stage 'evaluate'" in changed.stdout
-
-    diff = _run([str(BIN / "dvc"), "metrics", "diff", "--json"], work, env)
-    rows = json.loads(diff.stdout)["reports/metrics.json"]
-    assert rows["test.accuracy"]["new"] == _metrics(work)["test.accuracy"]
-    assert 0 < rows["test.accuracy"]["old"] <= 1  # HEAD's metrics: git holds them
-    shown = _run([str(BIN / "dvc"), "metrics", "diff"], work, env)
-    assert "test.accuracy" in shown.stdout and "failed to load" not in shown.stdout + \
-        shown.stderr
-    plots = _run([str(BIN / "dvc"), "plots", "diff", "-o", str(work / "plots-html")], work,
-                 env)
-    assert (work / "plots-html" / "index.html").is_file(), plots.stdout
-    assert "failed to load" not in plots.stdout + plots.stderr
-    # the training curves as an image: shown without Vega (offline)
-    images = list((work / "plots-html").rglob("*training_curves.png"))
-    assert images and all(i.read_bytes()[:4] == b"\x89PNG" for i in images)
-
-    # MLflow runs started by DVC carry the runner tag and dvc.lock hashes
-    from mlflow import MlflowClient
-
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs(client.get_experiment_by_name("cnnflow").experiment_id,
-                              "tags.`cnnflow.runner` = 'dvc'")
-    stages = {r.data.tags.get("cnnflow.stage") for r in runs}
-    assert {"prepare", "shard", "train", "evaluate"} <= stages
-    train = next(r for r in runs if r.data.tags.get("cnnflow.stage") == "train")
-    assert any(k.startswith("cnnflow.dvc.") for k in train.data.tags), train.data.tags
-    head = _run(["git", "rev-parse", "HEAD"], work, env).stdout.strip()
-    assert train.data.tags["cnnflow.git_commit"] == head
-    assert train.data.tags["mlflow.source.git.commit"] == head
-    _run(["git", "checkout", "params.yaml", "dvc.lock"], work, env)
-    _run([str(BIN / "dvc"), "checkout", "-f"], work, env)
-
-
 def _exp_rows(work: Path, env: dict) -> dict[str, dict]:
     """{row name: {"params": params.yaml's values, "metrics": metrics.json's}} of
     `dvc exp show --json` (the baseline commit and each experiment)."""
@@ -147,25 +94,81 @@ def _exp_rows(work: Path, env: dict) -> dict[str, dict]:
     return rows
 
 
-def test_experiment_runs_is_listed_with_its_metrics_and_registers_nothing(repo):
+def test_the_readme_sequence_repro_noop_experiment_show_and_diffs(repo):
+    """The README's commands in its order: `dvc repro`, `dvc repro` again (nothing runs),
+    `dvc exp run -S optim.lr=0.05 -S train.epochs=3` (train and evaluate only; logs, does
+    not register), `dvc exp show`, then `dvc metrics diff && dvc plots diff`."""
     from mlflow import MlflowClient
 
     work, env = repo
+    first = _run([str(BIN / "dvc"), "repro"], work, env)
+    for stage in ("prepare", "shard", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in first.stdout
+    assert (work / "outputs" / "train" / "model.pt").is_file()
+    baseline = _metrics(work)
+    assert 0.5 < baseline["test.accuracy"] <= 1
+    _run(["git", "add", "-A"], work, env)
+    _run(["git", "commit", "-qm", "first repro"], work, env)
+
+    again = _run([str(BIN / "dvc"), "repro"], work, env)
+    assert "Data and pipelines are up to date" in again.stdout
+    assert "Running stage" not in again.stdout
+
+    # MLflow runs started by DVC carry the runner tag and dvc.lock hashes
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs(client.get_experiment_by_name("cnnflow").experiment_id,
+                              "tags.`cnnflow.runner` = 'dvc'")
+    stages = sorted(r.data.tags["cnnflow.stage"] for r in runs
+                    if r.data.tags.get("cnnflow.role") != "pipeline")
+    assert stages == ["evaluate", "prepare", "shard", "train"]  # once each
+    train = next(r for r in runs if r.data.tags.get("cnnflow.stage") == "train")
+    ran_at = _run(["git", "rev-parse", "HEAD~1"], work, env).stdout.strip()
+    assert train.data.tags["cnnflow.git_commit"] == ran_at
+    assert train.data.tags["mlflow.source.git.commit"] == ran_at
     versions = {v.version for v in client.search_model_versions("name='cnnflow'")}
     challenger = client.get_model_version_by_alias("cnnflow", "challenger").version
-    _run([str(BIN / "dvc"), "exp", "run", "-S", "optim.lr=0.05", "-S", "train.epochs=3"],
-         work, env)
-    rows = _exp_rows(work, env)
-    (exp,) = [r for name, r in rows.items() if r["params"].get("optim", {}).get("lr") == 0.05]
-    assert exp["params"]["train"]["epochs"] == 3
-    assert 0 < exp["metrics"]["test.accuracy"] <= 1
-    assert all(isinstance(v, (int, float)) for v in exp["metrics"].values())
-    (main,) = [r for name, r in rows.items() if name == "main"]
-    assert 0 < main["metrics"]["test.accuracy"] <= 1  # the baseline's metrics, from git
+    assert versions == {challenger}  # the repro registered its model
+
+    exp = _run([str(BIN / "dvc"), "exp", "run", "-S", "optim.lr=0.05", "-S",
+                "train.epochs=3"], work, env)
+    assert "Stage 'prepare' didn't change" in exp.stdout
+    assert "Stage 'shard' didn't change" in exp.stdout
+    assert "Running stage 'train'" in exp.stdout
+    assert "Running stage 'evaluate'" in exp.stdout
     # an experiment logs, it does not move the registry
     assert {v.version for v in client.search_model_versions("name='cnnflow'")} == versions
     assert client.get_model_version_by_alias("cnnflow", "challenger").version == challenger
+    # its train run: the commit it ran at, and dvc.lock's entry for the stage as it stood
+    train = client.search_runs(train.info.experiment_id, "tags.`cnnflow.stage` = 'train'",
+                               order_by=["attributes.start_time DESC"])[0]
+    head = _run(["git", "rev-parse", "HEAD"], work, env).stdout.strip()
+    assert train.data.tags["cnnflow.git_commit"] == head
+    assert any(k.startswith("cnnflow.dvc.") for k in train.data.tags), train.data.tags
+
+    rows = _exp_rows(work, env)
+    (row,) = [r for r in rows.values() if r["params"].get("optim", {}).get("lr") == 0.05]
+    assert row["params"]["train"]["epochs"] == 3
+    assert row["metrics"] == _metrics(work)  # the experiment's results, in the workspace
+    assert all(isinstance(v, (int, float)) for v in row["metrics"].values())
+    assert rows["main"]["metrics"] == baseline  # the baseline's metrics, from git
+
+    diff = _run([str(BIN / "dvc"), "metrics", "diff", "--json"], work, env)
+    diffed = json.loads(diff.stdout)["reports/metrics.json"]
+    assert diffed["test.accuracy"]["old"] == baseline["test.accuracy"]
+    assert diffed["test.accuracy"]["new"] == row["metrics"]["test.accuracy"]
+    shown = _run([str(BIN / "dvc"), "metrics", "diff"], work, env)
+    assert "test.accuracy" in shown.stdout and "failed to load" not in shown.stdout + \
+        shown.stderr
+    plots = _run([str(BIN / "dvc"), "plots", "diff", "-o", str(work / "plots-html")], work,
+                 env)
+    assert (work / "plots-html" / "index.html").is_file(), plots.stdout
+    assert "failed to load" not in plots.stdout + plots.stderr
+    # the training curves as an image: shown without Vega (offline)
+    images = list((work / "plots-html").rglob("*training_curves.png"))
+    assert images and all(i.read_bytes()[:4] == b"\x89PNG" for i in images)
+    _run(["git", "checkout", "params.yaml", "dvc.lock", "reports"], work, env)
+    _run([str(BIN / "dvc"), "checkout", "-f"], work, env)
+    assert _metrics(work) == baseline
 
 
 def test_bad_param_type_fails_with_the_cli_error_and_keeps_outputs(repo):
@@ -218,9 +221,9 @@ def test_every_run_is_closed_and_under_its_invocations_parent(repo):
     assert all(p.data.tags["cnnflow.pipeline_key"].startswith("dvc-") for p in parents.values())
     stages = [r for r in runs if r.info.run_id not in parents]
     assert stages and all(r.data.tags.get("mlflow.parentRunId") in parents for r in stages)
-    # 2 repros that ran stages, 1 experiment, 1 failed experiment; the no-op repro and the
+    # 1 repro that ran stages, 1 experiment, 1 failed experiment; the no-op repro and the
     # bad value (refused before any run) have none
-    assert len(parents) == len({r.data.tags["mlflow.parentRunId"] for r in stages}) == 4
+    assert len(parents) == len({r.data.tags["mlflow.parentRunId"] for r in stages}) == 3
     failed = [r for r in stages if r.info.status == "FAILED"]
     assert [r.data.tags["cnnflow.stage"] for r in failed] == ["train"]
     assert failed[0].data.tags["cnnflow.error"].startswith(
