@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import subprocess
@@ -175,3 +176,25 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1])
     assert [random.random() for _ in range(3)] == expected[2]
+
+
+def test_grad_accum_splits_a_step_without_changing_its_samples_or_augmentation(digits_shards):
+    """Rank 1 of 2, 4 streams, augmentation and flips on: the two micro-batches of
+    grad_accum=2 hold exactly the accum=1 step's images (as augmented) and labels."""
+    from cnnflow.train.data import StreamBatches
+
+    def steps(accum: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        batches = StreamBatches(str(digits_shards), global_batch=64, grad_accum=accum,
+                                rank=1, world_size=2, streams=4, seed=3, num_workers=0,
+                                expected_version=None, mean=[0.5], std=[0.25],
+                                augment_images=True, flip=True)
+        return list(itertools.islice(batches.epoch(1, start_step=2), 3))
+
+    for (one,), two in zip(steps(1), steps(2), strict=True):
+        assert len(two) == 2
+        # per micro-batch: stream 2's half, then stream 3's; a step: stream 2, stream 3
+        for i in (0, 1):
+            halves = [torch.cat([two[0][i][:8], two[1][i][:8]]),
+                      torch.cat([two[0][i][8:], two[1][i][8:]])]
+            assert torch.equal(torch.cat(halves), one[i])
+    assert not torch.equal(steps(1)[0][0][0], steps(1)[1][0][0])  # steps differ

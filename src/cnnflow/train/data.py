@@ -71,26 +71,38 @@ class StreamBatches:
         return len(self.loaders[0]) // self.grad_accum
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[tuple]]:
-        """Yield, per optimizer step, the list of `grad_accum` (images, labels) pairs."""
+        """Yield, per optimizer step, the list of `grad_accum` (images, labels) pairs.
+
+        A stream's samples of one step are augmented together, from one generator seeded
+        by (seed, epoch, step, stream), then cut into the micro-batches: so `grad_accum`
+        changes how a step is split, never what it holds (nor its augmentation)."""
         for loader in self.loaders:
             loader.set_epoch(epoch, start_batch=start_step * self.grad_accum)
         iters = [iter(loader) for loader in self.loaders]
         for step in range(start_step, self.steps_per_epoch):
+            streams = [self._stream_step(it, epoch, step, v)
+                       for v, it in zip(self.stream_ids, iters, strict=True)]
             micro = []
             for m in range(self.grad_accum):
-                parts_x, parts_y = [], []
-                for v, it in zip(self.stream_ids, iters, strict=True):
-                    images, labels = next(it)
-                    if self.augment_images:
-                        key = np.random.SeedSequence([self.seed, epoch, step, m, v])
-                        gen = torch.Generator().manual_seed(int(key.generate_state(1)[0]))
-                        images = augment(images, gen, self.flip)
-                    parts_x.append(images)
-                    parts_y.append(labels)
+                parts_x = [images[m] for images, _ in streams]
+                parts_y = [labels[m] for _, labels in streams]
                 x = torch.cat(parts_x) if len(parts_x) > 1 else parts_x[0]
                 y = torch.cat(parts_y) if len(parts_y) > 1 else parts_y[0]
                 micro.append((normalize_batch(x, self.mean, self.std), y))
             yield micro
+
+    def _stream_step(self, it, epoch: int, step: int, stream: int) -> tuple[list, list]:
+        """One stream's `grad_accum` batches of a step, augmented as one: (images, labels)
+        per micro-batch."""
+        batches = [next(it) for _ in range(self.grad_accum)]
+        if not self.augment_images:
+            return [b[0] for b in batches], [b[1] for b in batches]
+        images = torch.cat([b[0] for b in batches]) if len(batches) > 1 else batches[0][0]
+        key = np.random.SeedSequence([self.seed, epoch, step, 0, stream])
+        gen = torch.Generator().manual_seed(int(key.generate_state(1)[0]))
+        images = augment(images, gen, self.flip)
+        sizes = [len(b[0]) for b in batches]
+        return list(torch.split(images, sizes)), [b[1] for b in batches]
 
 
 def eval_batches(shards: str, split: str, *, batch_size: int, rank: int, world_size: int,
