@@ -36,8 +36,14 @@ def _bench(*args: str) -> str:
 def test_loader_bench_prints_local_and_s3_rows():
     out = _bench("loader.py", "--images", "1200", "--samples-per-shard", "200",
                  "--batch-size", "64", "--epochs", "1")
-    for row in ("shards, 0 workers", "s3, 0 workers", "s3, 2 workers"):
-        assert re.search(rf"^{row}\s+[\d,]+\s+\d+\.\d+\s+\d+\.\dx", out, re.MULTILINE), out
+    assert re.search(r"^shards, 0 workers\s+[\d,]+\s+\d+\.\d+\s+\d+\.\dx$", out, re.MULTILINE), out
+    assert re.search(r"^s3 GETs alone\s+[\d,]+   \(\d+ MB/s, 8 in flight", out, re.MULTILINE), out
+    for workers in (0, 2):
+        assert re.search(rf"^s3, {workers} workers, cold\s+[\d,]+\s+\d+\.\d+\s+\d+\.\dx   "
+                         rf"\(vs local disk, {workers} workers; \d+\.\d+ of the GETs\)$",
+                         out, re.MULTILINE), out
+        assert re.search(rf"^s3, {workers} workers, warm\s+[\d,]+\s+\d+\.\d+\s+\d+\.\dx",
+                         out, re.MULTILINE), out
 
 
 @pytest.mark.slow

@@ -31,6 +31,7 @@ import ast
 import functools
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cnnflow import storage
 from cnnflow.data.manifest import load_manifest, resolve_shard_dir, scan_tar, verify_shards
-from cnnflow.data.remote import RemoteShards, check_listing
+from cnnflow.data.remote import FETCH_THREADS, RemoteShards, check_listing
 from cnnflow.data.remote import cache_bytes as remote_cache_bytes
 from cnnflow.errors import ShardError
 
@@ -65,21 +66,26 @@ def normalize_batch(
 # ---------------------------------------------------------------------------- index
 
 
-@functools.lru_cache(maxsize=64)
 def _npy_header(raw: bytes) -> tuple[int, tuple[int, ...]]:
-    """(header length in bytes, shape) of a uint8 C-order .npy header; cached per header."""
+    """(header length in bytes, shape) of a uint8 C-order .npy payload starting `raw`."""
     if not raw.startswith(b"\x93NUMPY") or len(raw) < 10:
         raise ValueError("not a .npy payload")
-    major = raw[6]
-    hlen_bytes = 2 if major == 1 else 4
+    hlen_bytes = 2 if raw[6] == 1 else 4
     hlen = int.from_bytes(raw[8 : 8 + hlen_bytes], "little")
     start = 8 + hlen_bytes
     if start + hlen > len(raw):
         raise ValueError(f".npy header longer than {_PEEK} bytes")
-    meta = ast.literal_eval(raw[start : start + hlen].decode("latin1"))
+    return start + hlen, _npy_shape(raw[start : start + hlen])
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_shape(header: bytes) -> tuple[int, ...]:
+    """The shape in a .npy header dict; cached per header text (a data set's images share
+    one), so indexing a shard parses it once, not once per sample."""
+    meta = ast.literal_eval(header.decode("latin1"))
     if np.dtype(meta["descr"]) != np.uint8 or meta["fortran_order"]:
         raise ValueError(f"expected C-order uint8, found {meta['descr']}")
-    return start + hlen, tuple(meta["shape"])
+    return tuple(meta["shape"])
 
 
 @functools.lru_cache(maxsize=4096)
@@ -88,7 +94,9 @@ def _index_shard(path: str, size: int, mtime_ns: int) -> tuple[np.ndarray, np.nd
 
     The key includes size and mtime, so a rewritten shard is indexed again.
     """
-    members = scan_tar(path, peek=_PEEK)
+    # no header checksums: the file's sha256, which covers every header byte, was checked
+    # before use (build_loader's verify, or its caller's; remote shards as fetched)
+    members = scan_tar(path, peek=_PEEK, check=False)
     npy: dict[str, tuple[int, int, bytes]] = {}
     cls: dict[str, bytes] = {}
     for name, offset, length, head in members:
@@ -244,11 +252,7 @@ class ShardLoader:
         used = len(self) * self.batch_size if self.drop_last else len(shard)
         shard, position = shard[:used], position[:used]
         offset, label = np.empty(used, np.int64), np.empty(used, np.int64)
-        if self.remote is not None and remote_cache_bytes() <= 0:
-            self.remote.prefetch(np.unique(shard).tolist())  # concurrent GETs
-        for s in np.unique(shard).tolist():  # index only the shards this rank reads
-            local = self.paths[s] if self.remote is None else self.remote.local(s)
-            offsets, labels = _shard_index(Path(local))
+        for s, (offsets, labels) in self._indexes(np.unique(shard).tolist()).items():
             if len(offsets) != self.counts[s]:
                 raise ShardError(
                     f"{self.paths[s]}: {len(offsets)} samples found, "
@@ -260,6 +264,19 @@ class ShardLoader:
             self.paths, shard, offset, label, self.batch_size, self.shape, len(self),
             self.remote,
         )
+
+    def _indexes(self, shards: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """The index of each shard this rank reads. Remote shards are fetched and indexed
+        FETCH_THREADS at a time (one indexes while others wait on their GETs), unless the
+        cache is bounded: then one by one, so a shard is not evicted before it is read."""
+        def index(s: int) -> tuple[np.ndarray, np.ndarray]:
+            return _shard_index(Path(self.paths[s] if self.remote is None
+                                     else self.remote.local(s)))
+
+        if self.remote is None or remote_cache_bytes() > 0 or len(shards) < 2:
+            return {s: index(s) for s in shards}
+        with ThreadPoolExecutor(min(FETCH_THREADS, len(shards))) as pool:
+            return dict(zip(shards, pool.map(index, shards), strict=True))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self._batches()

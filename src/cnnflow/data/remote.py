@@ -4,8 +4,8 @@
     remote = RemoteShards(uris, entries)
     path = remote.local(3)      # shard 3 fetched (once), sha256-checked, as a local file
 
-A rank's shards for an epoch are fetched concurrently (unless the cache is bounded),
-each in one GET (`cnnflow.storage.read_bytes`: bounded retries with
+A rank's shards for an epoch are fetched concurrently by the loader (unless the cache is
+bounded), each in one GET (`cnnflow.storage.read_bytes`: bounded retries with
 backoff), checked against its manifest entry, and stored under its sha256 in
 `CNNFLOW_STORAGE_CACHE_DIR`/shards (default: a per-user temp directory), written to a
 temporary name and renamed, so DataLoader workers and later runs share it safely and a
@@ -40,7 +40,7 @@ def check_listing(root: str, entries: list[dict[str, Any]]) -> None:
                 f"(expected {entry['bytes']}; changed after the manifest was written?)")
 
 
-FETCH_THREADS = 8  # concurrent shard GETs when a rank starts an epoch
+FETCH_THREADS = 8  # concurrent shard GETs (and indexing) when a rank starts an epoch
 
 
 def cache_bytes() -> int:
@@ -55,14 +55,6 @@ class RemoteShards:
         self.uris = uris
         self.entries = [{"bytes": e["bytes"], "sha256": e["sha256"]} for e in entries]
         self.dir = storage.cache_root() / "shards"
-
-    def prefetch(self, shards: list[int]) -> None:
-        """Fetch `shards` concurrently (FETCH_THREADS GETs in flight), in order."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(FETCH_THREADS, max(1, len(shards)))) as pool:
-            for _ in pool.map(self.local, shards):
-                pass
 
     def local(self, shard: int) -> str:
         entry = self.entries[shard]
