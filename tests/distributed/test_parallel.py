@@ -1,9 +1,11 @@
-"""Pipeline, dp x pp, FSDP and HSDP with real torchrun process groups (gloo on CPU).
+"""DDP on 2 and 4 processes, gradient accumulation, pipeline, dp x pp, FSDP and HSDP with
+real torchrun process groups (gloo on CPU).
 
-One data set, one tiny model (small_cnn depth 3: 4 pipeline blocks, GroupNorm) and one
-global batch for every configuration, so the losses must agree with one process's.
-Each strategy trains 10 steps, checkpoints, and a second launch resumes to step 20: so
-one pair of launches checks train, checkpoint, resume, equivalence and the final model.
+One data set, one tiny model (small_cnn depth 3: 4 pipeline blocks, GroupNorm), one
+global batch and 4 data streams (augmentation on) for every configuration, so the losses
+must agree with one process's: the world size, the strategy and grad_accum change how a
+step is computed, never what it computes. FSDP and dp x pp train 10 steps, checkpoint,
+and a second launch resumes to step 20; the others run to step 20 in one launch.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ TINY = ["model.norm=group", "model.groups=4", "model.width=8", "model.depth=3",
         "train.streams=4", "train.epochs=1", "train.threads=1", "optim.schedule=constant",
         "checkpoint.every_steps=0"]
 RUNS = {  # name: (processes, overrides, resumed halfway)
+    "ddp2": (2, [], False),
+    "ddp4": (4, [], False),
+    "ddp2_accum2": (2, ["train.grad_accum=2"], False),  # no_sync between micro-batches
     "pp2_gpipe": (2, ["parallel.pp=2", "parallel.pp_schedule=gpipe",
-                      "parallel.microbatches=4"], True),
+                      "parallel.microbatches=4"], False),
     "fsdp2": (2, ["parallel.fsdp=2"], True),
     "dp2_pp2_1f1b": (4, ["parallel.dp=2", "parallel.pp=2", "parallel.split_points=[blocks.2]"],
                      True),
