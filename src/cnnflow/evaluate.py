@@ -289,8 +289,11 @@ def write_reports(out: Path, metrics: dict[str, Any], probs: np.ndarray, labels:
 
 def evaluate(model: str | Path, shards: str | Path, out_dir: str | Path = "reports", *,
              tracker: Any = None, top_k: int = 3, batch_size: int = 256,
-             max_misclassified: int = 36, tracking_uri: str | None = None) -> dict[str, Any]:
+             max_misclassified: int = 36, tracking_uri: str | None = None,
+             model_uri: str | None = None) -> dict[str, Any]:
     """Score `model` on the test split of `shards`; write reports; log them to `tracker`.
+    `model_uri` is where the model came from when `model` is a local copy (an s3://
+    train output): evaluation.json and errors name it, not the copy.
 
     Returns metrics.json's content plus `per_class`, `confusion_matrix`, `calibration`.
     """
@@ -300,13 +303,14 @@ def evaluate(model: str | Path, shards: str | Path, out_dir: str | Path = "repor
         raise CnnflowError(f"evaluate.top_k: expected an int >= 1, got {top_k}")
     manifest = read_manifest(shards)
     predict, meta = load_predictor(model, tracking_uri)
-    _check_compatible(meta, manifest, str(model))
+    named = model_uri or str(model)
+    _check_compatible(meta, manifest, named)
     classes = list(manifest["classes"])
     probs, labels, wrong = score(predict, shards, batch_size=batch_size,
                                  keep_wrong=max_misclassified)
     metrics = compute_metrics(probs, labels, classes, top_k)
     metrics.update(dataset_version=manifest["dataset_version"],
-                   model_dataset_version=meta.get("dataset_version"), model=str(model))
+                   model_dataset_version=meta.get("dataset_version"), model=named)
     out = Path(out_dir)
     paths = write_reports(out, metrics, probs, labels, wrong, classes)
     log.info("test accuracy %.4f top-%d %.4f macro F1 %.4f ECE %.4f on %d images -> %s",

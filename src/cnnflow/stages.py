@@ -180,7 +180,7 @@ def run_evaluate(params: Params, model: str = "") -> dict[str, Any]:
                        dataset_version=version) as tracker:
         metrics = evaluate(source, shards, ec.out_dir, tracker=tracker, top_k=ec.top_k,
                            batch_size=ec.batch_size, max_misclassified=ec.max_misclassified,
-                           tracking_uri=tc.uri or None)
+                           tracking_uri=tc.uri or None, model_uri=str(given))
         curves = training_curves(train_dir, Path(ec.out_dir) / "plots")
         if curves:
             tracker.log_artifact(curves, "reports/plots")

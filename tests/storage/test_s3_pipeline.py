@@ -139,6 +139,8 @@ def test_pipeline_on_s3_and_resume_after_sigkill(s3, mlflow_on_postgres, tmp_pat
     _ok(evaluated)
     metrics = json.loads((work / "ref-reports" / "metrics.json").read_text())
     assert metrics["test.n"] == 179 and 0.0 <= metrics["test.accuracy"] <= 1.0, metrics
+    evaluation = json.loads((work / "ref-reports" / "evaluation.json").read_text())
+    assert evaluation["model"] == f"s3://{bucket}/ref-model"  # not the local copy it read
     # registered in the server: the version in PostgreSQL, its model's files in the bucket
     from mlflow import MlflowClient
 
