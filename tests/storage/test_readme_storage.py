@@ -1,12 +1,19 @@
-"""A DVC remote in a bucket: the README's `dvc remote add -d storage s3://...` and
-`dvc remote modify storage endpointurl ...`, then `dvc push` and `dvc pull` with the real
-dvc command line (dvc-s3) against an S3 emulator (moto's server mode) on loopback, in a
-temporary git repository (identity set here). Credentials come from the environment
-(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), as on a developer's machine or in CI."""
+"""The README's "Storage on a cluster" commands, as written there, against an S3 emulator
+(moto's server mode) on loopback, its buckets made by the README's boto3 line:
+
+- `cnnflow shard`, `cnnflow verify` and `cnnflow train` on s3://cnnflow-data/..., in a
+  workspace whose params.yaml trains one epoch;
+- a DVC remote in the bucket: `dvc remote add -d storage s3://...` and `dvc remote modify
+  storage endpointurl ...`, then `dvc push` and `dvc pull` with the real dvc command line
+  (dvc-s3), in a temporary git repository (identity set here).
+
+Credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), as on
+a developer's machine or in CI."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -14,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.servers import s3_server
 
@@ -30,7 +38,7 @@ def _readme_line(start: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def s3():
+def readme_s3():
     """The S3 emulator, with the README's buckets made by the README's command."""
     with s3_server() as server:
         command = _readme_line('python -c "import boto3;')
@@ -50,7 +58,8 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_push_then_pull_from_a_fresh_clone(s3, tmp_path):
+def test_push_then_pull_from_a_fresh_clone(readme_s3, tmp_path):
+    s3 = readme_s3
     # the endpoint only in the remote's config: nothing in the environment names it
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("AWS_", "MLFLOW_", "DVC_", "CNNFLOW_"))}
@@ -96,3 +105,49 @@ def test_push_then_pull_from_a_fresh_clone(s3, tmp_path):
     (clone / "data" / "raw" / "0.bin").unlink()
     _run([dvc, "pull"], clone, env)
     assert (clone / "data" / "raw" / "0.bin").read_bytes() == images["0.bin"]
+
+
+def test_shard_verify_and_train_on_the_bucket_as_the_readme_writes_them(readme_s3, tmp_path):
+    s3 = readme_s3
+    ws = tmp_path / "ws"
+    shutil.copytree(ROOT / "data" / "raw" / "digits", ws / "data" / "raw" / "digits")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"]["epochs"] = 1  # the user's params.yaml: one epoch, one process
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AWS_", "MLFLOW_", "CNNFLOW_", "KFP_"))}
+    env.update({**s3.env, "PATH": f"{BIN}{os.pathsep}{env['PATH']}"})
+    _run([str(BIN / "cnnflow"), "prepare"], ws, env)
+    dataset = json.loads((ws / "data" / "prepared" / "dataset.json").read_text())
+
+    shard, verify, train = (_readme_line(f"cnnflow {c}") for c in (
+        "shard --set shard.out_dir=s3://", "verify s3://", "train --set train.shards=s3://"))
+    assert shard == "cnnflow shard --set shard.out_dir=s3://cnnflow-data/shards"
+    _run(["bash", "-c", shard], ws, env)
+    manifest = json.loads(s3.client().get_object(Bucket=BUCKET, Key="shards/manifest.json")[
+        "Body"].read())
+    assert manifest["dataset_version"] == dataset["version"]
+    tars = sorted(k for k in s3.keys(BUCKET, "shards/") if k.endswith(".tar"))
+    assert tars == sorted(f"shards/{e['name']}" for split in manifest["splits"].values()
+                          for e in split["shards"])
+    assert not (ws / "data" / "shards").exists()  # nothing on local disk
+
+    verified = _run(["bash", "-c", verify], ws, env).stdout.strip().splitlines()
+    counts = {s: dataset["splits"][s]["count"] for s in ("train", "val", "test")}
+    in_manifest = {s: v["samples"] for s, v in manifest["splits"].items()}
+    assert in_manifest == counts
+    assert verified[-1] == (f"verified s3://{BUCKET}/shards: dataset "
+                            f"{dataset['version'][:12]}, samples {json.dumps(in_manifest)}")
+
+    trained = _run(["bash", "-c", train], ws, env).stdout.strip().splitlines()
+    keys = s3.keys(BUCKET, "model/")
+    assert {"model/_SUCCESS", "model/model.pt", "model/summary.json"} <= set(keys), keys
+    summary = json.loads(s3.client().get_object(Bucket=BUCKET, Key="model/summary.json")[
+        "Body"].read())
+    steps_per_epoch = counts["train"] // params["train"]["batch_size"]
+    assert summary["steps"] == steps_per_epoch
+    assert trained[-1].startswith(f"trained {steps_per_epoch} steps -> "
+                                  f"s3://{BUCKET}/model/model.pt"), trained
+    final = f"ckpt/step-{steps_per_epoch:08d}.done"
+    assert final in s3.keys(BUCKET, "ckpt/")  # the last checkpoint, committed
+    assert not (ws / "s3:").exists() and not (ws / "outputs").exists()
