@@ -146,3 +146,59 @@ def test_sigterm_to_one_worker_stops_every_rank_then_resumes_on_one_process(
     assert "rank 0 exit 143, rank 1 exit 143" in err, err[-3000:]
     _resume(1, params, step)  # 2 -> 1: an elastic scale-down
     _assert_close(ref, _weights(tmp_path), rel=1e-5)
+
+
+def _progress(ckpt: Path) -> int:
+    try:
+        return int((ckpt / "progress").read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def test_sigterm_to_cnnflow_launch_train_stops_every_node_of_a_local_trainjob(
+        ref, digits_shards, tmp_path):
+    """The pipeline's train step path (`launch_training`), as `cnnflow launch train` runs
+    it: a 2-node TrainJob on the local backend. SIGTERM to the launcher reaches both
+    nodes, rank 0 checkpoints, the launcher exits 143 with no process left; the same
+    command again resumes it and ends bit for bit on the uninterrupted run's weights."""
+    sets = [*COMMON, f"train.shards={digits_shards}", "tracking.enabled=false",
+            "model.dropout=0", "optim.label_smoothing=0", "launch.kind=trainjob",
+            "launch.nodes=2", "launch.nproc_per_node=1"]
+    cmd = [str(Path(sys.executable).with_name("cnnflow")), "launch", "train", "--run-id",
+           "preempted", *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_env())
+    deadline = time.monotonic() + 240  # a hang guard; the loop waits for the condition
+    while proc.poll() is None and time.monotonic() < deadline and not any(
+            _progress(c) >= 3 for c in tmp_path.glob("runs/*/checkpoints")):
+        time.sleep(0.02)
+    ckpts = list(tmp_path.glob("runs/*/checkpoints"))
+    assert proc.poll() is None and len(ckpts) == 1 and _progress(ckpts[0]) >= 3, \
+        "run ended before the signal"
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    assert len([p for p in tree if "cnnflow.train" in " ".join(p.cmdline())]) >= 2
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-4000:]
+    lines = [m for m in map(PREEMPTED.search, out.splitlines()) if m]
+    assert len(lines) == 1, out[-4000:]
+    step = int(lines[0].group(1))
+    assert 3 <= step < 30 and Path(lines[0].group(2)) == ckpts[0] / f"step-{step:08d}.pt"
+    assert out.splitlines()[-1].startswith("cnnflow: error: TrainJob cnnflow-train-"), \
+        out[-2000:]
+    survivors = []
+    for p in tree:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                survivors.append(p.cmdline())
+        except psutil.NoSuchProcess:
+            pass
+    assert not survivors, survivors
+
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env=_env())
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    text = again.stdout + again.stderr
+    assert re.search(rf"resumed from \S+ at step {step} .*; 0 steps lost", text), text[-3000:]
+    (out_dir,) = tmp_path.glob("runs/*/train")
+    _assert_close(ref, torch.load(out_dir / "model.pt", weights_only=True), rel=0)
