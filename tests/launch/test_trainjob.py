@@ -149,6 +149,10 @@ def test_cli_render_prints_the_trainjob(tmp_path):
     default = cnnflow("launch", "render", "--run-id", "r1", cwd=ROOT)
     assert [d["kind"] for d in yaml.safe_load_all(default.stdout)] == ["ConfigMap",
                                                                        "PyTorchJob"]
+    unknown = cnnflow("launch", "render", "--set", "launch.kind=tfjob", cwd=ROOT)
+    assert (unknown.returncode, unknown.stdout) == (2, "")
+    assert unknown.stderr == ("cnnflow: error: --set launch.kind: expected one of 'pytorchjob', "
+                              "'trainjob', got 'tfjob'\n")
 
 
 def test_example_manifest_is_current():
