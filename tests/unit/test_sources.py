@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -17,6 +18,7 @@ from cnnflow.data.sources import open_source
 from cnnflow.data.sources.digits import to_uint8
 from cnnflow.data.sources.synthetic import generate_chunk, synthetic_labels
 from cnnflow.errors import CnnflowError, ConfigError, DataError
+from tests.cli import cnnflow
 
 
 def read_all(data) -> np.ndarray:
@@ -272,6 +274,45 @@ def test_cifar_bad_batches(tmp_path):
     one_line_error(
         ConfigError, lambda: open_source(cfg(**options, channels=1), tmp_path), "prepare.channels"
     )
+
+
+def test_cifar_batches_of_other_picklers_load(tmp_path):
+    """Protocol 2 (bytes as _codecs.encode) and numpy 1.x's module name (numpy.core, as in
+    the official Python 2 files) rebuild the same arrays through the allow-list."""
+    directory = tmp_path / "cifar-10-batches-py"
+    expected = make_cifar(directory)
+    for path in directory.iterdir():
+        raw = pickle.dumps(pickle.loads(path.read_bytes()), protocol=2)
+        assert b"_codecs" in raw or path.name == "batches.meta"
+        path.write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    assert b"cnumpy.core.multiarray\n" in (directory / "test_batch").read_bytes()
+    data = open_source(cfg(source="cifar", path=str(directory)), tmp_path)
+    assert np.array_equal(read_all(data), expected)
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    directory = tmp_path / "cifar-10-batches-py"
+    make_cifar(directory)
+    marker = tmp_path / "ran"
+    with (directory / "data_batch_2").open("wb") as f:
+        pickle.dump({b"data": _Payload(marker), b"labels": [0]}, f)
+    done = cnnflow("prepare", "--set", "prepare.source=cifar", "--set",
+                   f"prepare.path={directory}", "--set", f"prepare.out_dir={tmp_path / 'out'}",
+                   "--set", "tracking.enabled=false", cwd=tmp_path)
+    assert done.returncode != 0 and not marker.exists()
+    assert done.stderr.splitlines() == [
+        f"cnnflow: error: {directory / 'data_batch_2'}: refused: the pickle calls "
+        f"{os.system.__module__}.system, which a CIFAR batch never holds (unpickling it "
+        "would run code)"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_every_error_is_a_cnnflow_error():

@@ -4,9 +4,11 @@
 batches.meta (`label_names`). All batches form one pool, data_batch_* in numeric order
 then test_batch, which the split re-splits: CIFAR's own train/test division is not kept.
 
-Security: the batches are pickles, and unpickling runs code chosen by whoever wrote the
-file. Only files under the directory the user names are loaded; never point `path` at
-data you would not execute.
+Security: the batches are pickles, and a plain unpickler runs code chosen by whoever wrote
+the file. They are read with an allow-list of globals (the Python documentation's
+"restricting globals"): a batch holds dicts, lists, bytes, ints and numpy arrays, so only
+what rebuilds an array is allowed; any other global, which is how a pickle calls code, is
+refused with one line naming it, before anything runs.
 """
 
 from __future__ import annotations
@@ -67,12 +69,34 @@ def _chunks(data: np.ndarray):
         yield np.ascontiguousarray(block.transpose(0, 2, 3, 1))
 
 
+_ARRAY_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how Python 3's protocol 2 spells bytes
+})
+
+
+class _Refused(Exception):
+    pass
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ARRAY_GLOBALS:
+            return super().find_class(module, name)
+        raise _Refused(f"{module}.{name}")
+
+
 def _unpickle(path: Path) -> Any:
     if not path.is_file():
         raise DataError(f"{path}: missing; expected a CIFAR-10 python pickle file")
     try:
         with path.open("rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return _BatchUnpickler(f, encoding="bytes").load()
+    except _Refused as exc:
+        raise DataError(f"{path}: refused: the pickle calls {exc}, which a CIFAR batch never "
+                        "holds (unpickling it would run code)") from None
     except Exception as exc:  # any unpickling failure is a bad file, not a cnnflow bug
         raise DataError(f"{path}: not a readable CIFAR pickle ({type(exc).__name__})") from None
 
