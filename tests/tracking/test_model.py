@@ -75,3 +75,23 @@ def test_evaluating_a_missing_model_uri_is_one_line(server_uri, shards, bad):
     with pytest.raises(CnnflowError) as err:
         evaluate(bad, shards)
     assert "\n" not in str(err.value) and bad.split("/")[1].split("@")[0] in str(err.value)
+
+
+def test_a_pickled_model_in_the_registry_is_refused_before_it_loads(server_uri, shards,
+                                                                     model_dir, tmp_path):
+    """Whoever can write the artifacts can put a pickle-format model there (MLflow loads
+    those by default, which runs their code): cnnflow refuses it in one line."""
+    meta = json.loads((model_dir / "model.json").read_text())
+    with fluent_target(server_uri), mlflow.start_run() as run:
+        info = mlflow.pytorch.log_model(torch.nn.Linear(64, 10), name="model",
+                                        serialization_format="pickle", metadata=meta)
+    uri = f"runs:/{run.info.run_id}/model"
+    files = {p.name for p in Path(mlflow.artifacts.download_artifacts(
+        info.model_uri, tracking_uri=server_uri)).rglob("*")}
+    assert "model.pth" in files  # a pickle, as MLflow stores one
+    with pytest.raises(CnnflowError) as err:
+        evaluate(uri, shards, tmp_path / "reports")
+    assert str(err.value) == (f"{uri}: refused: the model is stored as a pickle, which can "
+                              "run code when loaded; cnnflow logs and loads pt2 "
+                              "(torch.export) models only")
+    assert not (tmp_path / "reports").exists()

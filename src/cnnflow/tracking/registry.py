@@ -211,8 +211,6 @@ def model_info(uri: str):
 
 def load_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[nn.Module, dict]:
     """(exported PixelClassifier graph, model.json metadata) of a `models:/` or `runs:/` URI."""
-    import mlflow
-
     from cnnflow.tracking.mlflow_tracker import fluent_target
 
     client, resolved = _client(tracking_uri)
@@ -222,7 +220,34 @@ def load_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[nn.Module
             name, version, alias = alias_or_version
             get_version(client, name, version=version, alias=alias)
         meta = model_info(uri).metadata or {}
-        return mlflow.pytorch.load_model(uri), meta
+        return _load_pickle_free(uri), meta
+
+
+def _load_pickle_free(uri: str) -> nn.Module:
+    """mlflow.pytorch.load_model with MLflow's MLFLOW_ALLOW_PICKLE_DESERIALIZATION off for
+    the call: a pt2 archive is checked to be pickle-free and a pickled model (anyone with
+    write access to the artifacts could have put one there) is refused before it loads."""
+    import os
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    name = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+    saved = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        return mlflow.pytorch.load_model(uri)
+    except MlflowException as exc:
+        if "pickle" not in exc.message:
+            raise
+        raise CnnflowError(f"{uri}: refused: the model is stored as a pickle, which can run "
+                           "code when loaded; cnnflow logs and loads pt2 (torch.export) "
+                           "models only") from None
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 def _parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
