@@ -1,11 +1,14 @@
-"""The champion answers over HTTP from `mlflow models serve` (the README's curl line)."""
+"""The champion answers over HTTP from `mlflow models serve`: the README's serve line and
+its curl line, as written there (the test's server, port and model name put in)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ import torch
 from cnnflow.data.loader import build_loader
 from cnnflow.tracking import registry
 from cnnflow.tracking.mlflow_tracker import stage_run
-from cnnflow.tracking.server import free_port, serve_model
+from cnnflow.tracking.server import ManagedProcess, free_port
 
 
 def test_champion_is_served(server_uri, shards, model_dir, tmp_path):
@@ -32,8 +35,7 @@ def test_champion_is_served(server_uri, shards, model_dir, tmp_path):
         expected = registry.packaged(model, meta)(images.float()).numpy()
 
     port = free_port()
-    server = serve_model("models:/served@champion", port, tracking_uri=server_uri,
-                         log_path=tmp_path / "serve.log")
+    server = _readme_serve("models:/served@champion", port, server_uri, tmp_path / "serve.log")
     try:
         response = requests.post(f"{server.url}/invocations",
                                  json={"inputs": images.float().numpy().tolist()}, timeout=30)
@@ -65,10 +67,27 @@ def _readme_inputs() -> list:
     return json.loads(payload)["inputs"]
 
 
+SERVE = ("MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false MLFLOW_TRACKING_URI=http://127.0.0.1:5000 "
+         "mlflow models serve -m models:/cnnflow@champion --env-manager local -h 127.0.0.1 "
+         "-p 5001")
+
+
+def _readme_serve(model_uri: str, port: int, tracking_uri: str, log: Path) -> ManagedProcess:
+    """The README's serve line in bash (mlflow from this venv), for `model_uri` on `port`
+    against `tracking_uri`; returns once /ping answers."""
+    line = _readme_line("MLFLOW_ALLOW_PICKLE_DESERIALIZATION=")
+    assert line == SERVE  # what the substitutions below expect
+    line = (line.replace("http://127.0.0.1:5000", tracking_uri)
+            .replace("models:/cnnflow@champion", model_uri).replace("-p 5001", f"-p {port}"))
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    server = ManagedProcess(["bash", "-c", f"exec env {line}"], f"http://127.0.0.1:{port}",
+                            "/ping", log, {"PATH": path})
+    server.wait_ready(90)
+    return server
+
+
 def _readme_curl(port: int) -> np.ndarray:
     """Run the README's curl line, pointed at `port`, and return its predictions."""
-    serve = _readme_line("MLFLOW_TRACKING_URI=")
-    assert "models:/cnnflow@champion" in serve and "--env-manager local" in serve
     args = shlex.split(_readme_line("curl "))
     args = [a.replace("127.0.0.1:5001", f"127.0.0.1:{port}") for a in args]
     out = subprocess.run(args, capture_output=True, text=True, timeout=60, check=True)

@@ -1,4 +1,4 @@
-"""A real `mlflow server` (and `mlflow models serve`) as a managed subprocess.
+"""A real `mlflow server` as a managed subprocess.
 
     cnnflow mlflow-server                     # run_server("mlflow/mlflow.db", "mlflow/artifacts")
     MLFLOW_TRACKING_URI=http://127.0.0.1:5000 cnnflow train
@@ -225,22 +225,3 @@ def run_server(store: str | Path = "mlflow/mlflow.db", artifacts_dir: str | Path
         signal.signal(signal.SIGTERM, previous)
         server.stop()
     print("MLflow server stopped", flush=True)
-
-
-def serve_model(model_uri: str, port: int, host: str = "127.0.0.1", *,
-                tracking_uri: str | None = None, log_path: str | Path | None = None,
-                timeout_s: float = 90.0) -> ManagedProcess:
-    """`mlflow models serve -m URI --env-manager local`; returns once /ping answers.
-
-    `--env-manager local` serves from this environment (no virtualenv or conda build):
-    the model's pip requirements are exactly what is installed here.
-    """
-    cmd = [*MLFLOW, "models", "serve", "-m", model_uri, "--env-manager", "local",
-           "-h", host, "-p", str(port), "-w", "1"]
-    # the scoring server execs `uvicorn`: find it beside this interpreter even when the
-    # virtualenv is not activated
-    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    env = {"PATH": path, **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})}
-    server = ManagedProcess(cmd, f"http://{host}:{port}", "/ping", log_path, env)
-    server.wait_ready(timeout_s)
-    return server
