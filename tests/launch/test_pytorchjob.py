@@ -314,3 +314,14 @@ def test_master_replicas_must_be_given():
         "PyTorchJob rules: spec.pytorchReplicaSpecs.Master.replicas: required, must be 1 "
         "(the operator's webhook refuses a Master without it): add replicas: 1")
     validate_pytorchjob(_break("spec.pytorchReplicaSpecs.Worker.replicas", None))
+
+
+def test_worker_replicas_below_one_are_refused_as_the_webhook_does():
+    """pytorchjob_webhook.go (v1.9.0): a Worker's replicas, when given, "must be at least
+    1"; a job with no workers leaves the Worker out."""
+    for count in (0, -1):
+        with pytest.raises(ManifestError) as exc:
+            validate_pytorchjob(_break("spec.pytorchReplicaSpecs.Worker.replicas", count))
+        assert str(exc.value) == (
+            "PyTorchJob rules: spec.pytorchReplicaSpecs.Worker.replicas: must be at least 1 "
+            f"(the operator's webhook refuses fewer), got {count}")

@@ -7,11 +7,12 @@
   then the training operator's admission rules (pytorchjob_webhook.go, v1.9): name a
   DNS-1035 label, replica types Master/Worker only, containers with an image and one
   named `pytorch`, Master replicas = 1 (given: the webhook sees the job before the
-  defaulter would set 1), a Worker for elastic jobs, `spec.nprocPerNode` not combined
-  with `elasticPolicy.nProcPerNode`; plus the CRD's enums (restartPolicy, cleanPodPolicy)
-  and our own rules for elastic jobs (torchrun, 1 <= min <= max; a warning without an
-  rdzvId). Each replica's pod template is also checked against the core PodTemplate
-  schema, elasticPolicy.metrics against the HorizontalPodAutoscaler's.
+  defaulter would set 1), Worker replicas >= 1 when given, a Worker for elastic jobs,
+  `spec.nprocPerNode` not combined with `elasticPolicy.nProcPerNode`; plus the CRD's
+  enums (restartPolicy, cleanPodPolicy) and our own rules for elastic jobs (torchrun,
+  1 <= min <= max; a warning without an rdzvId). Each replica's pod template is also
+  checked against the core PodTemplate schema, elasticPolicy.metrics against the
+  HorizontalPodAutoscaler's.
   The SDK model is stricter than the CRD: it requires `spec.runPolicy` (optional: an empty
   one stands in) and cannot read `elasticPolicy.metrics` (its K8sIoApiAutoscalingV2MetricSpec
   is missing: they are read as the kubernetes client's V2MetricSpec instead).
@@ -170,8 +171,9 @@ def validate_pytorchjob(doc: dict[str, Any]):
                                 "webhook refuses a Master without it): add replicas: 1")
         if rtype == "Master" and rspec.replicas != 1:
             raise ManifestError(f"{where}: {path}.replicas: must be 1, got {rspec.replicas!r}")
-        if rspec.replicas is not None and rspec.replicas < 0:
-            raise ManifestError(f"{where}: {path}.replicas: must be >= 0")
+        if rspec.replicas is not None and rspec.replicas < 1:
+            raise ManifestError(f"{where}: {path}.replicas: must be at least 1 (the operator's "
+                                f"webhook refuses fewer), got {rspec.replicas}")
         if rspec.restart_policy not in (None, *RESTART_POLICIES):
             raise ManifestError(f"{where}: {path}.restartPolicy: expected one of "
                                 f"{', '.join(RESTART_POLICIES)}, got {rspec.restart_policy!r}")
