@@ -267,3 +267,22 @@ def test_the_job_carries_the_workspace_and_auth_provider_never_credentials(monke
     assert refs == {"MLFLOW_TRACKING_USERNAME": "mlflow-client",
                     "MLFLOW_TRACKING_PASSWORD": "mlflow-client"}
     assert not {"MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD"} & set(env)
+
+
+def test_launch_render_in_a_plugin_step_nests_the_job_under_the_task_run(tmp_path):
+    """`cnnflow launch render` (and `launch train`) run by hand in a step that KFP's plugin
+    gave MLFLOW_RUN_ID: the job's runs go under that task run, as the train step's do."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CNNFLOW_", "KFP_"))}
+    cli = str(Path(sys.executable).with_name("cnnflow"))
+    for extra, parent in (({"MLFLOW_RUN_ID": "b" * 32, "CNNFLOW_PARENT_RUN_ID": "c" * 32},
+                           "b" * 32), ({"CNNFLOW_PARENT_RUN_ID": "c" * 32}, "c" * 32)):
+        done = subprocess.run([cli, "launch", "render", "--run-id", "r"], cwd=tmp_path,
+                              env={**env, **extra}, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        job = list(yaml.safe_load_all(done.stdout))[-1]
+        (container,) = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
+            "containers"]
+        values = {e["name"]: e.get("value") for e in container["env"]}
+        assert values["CNNFLOW_PARENT_RUN_ID"] == parent
+        assert "MLFLOW_RUN_ID" not in values

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from cnnflow.config import Params
 from cnnflow.errors import ConfigError
 from cnnflow.launch import launch_training, local_mounts, plan_job
-from cnnflow.tracking.mlflow_tracker import PARENT_ENV
+from cnnflow.tracking.mlflow_tracker import PARENT_ENV, TASK_RUN_ENV
 
 
 def parse_mounts(items: Sequence[str]) -> dict[str, str]:
@@ -36,7 +36,8 @@ def launch_command(job: str, params: Params, *, local: bool, mounts: Sequence[st
                    kubeconfig: str | None, run_id: str) -> str:
     """Do what `cnnflow launch JOB` asks; return what it prints (or exit with the local
     job's exit code)."""
-    parent = os.environ.get(PARENT_ENV, "")
+    # under KFP's MLflow plugin the step's task run is the parent, as for the train step
+    parent = os.environ.get(TASK_RUN_ENV, "").strip() or os.environ.get(PARENT_ENV, "")
     pairs = parse_mounts(mounts) or local_mounts(params.launch)
     if job == "render":
         rendered, _, _ = plan_job(params, run_id=run_id, parent_run_id=parent, mounts=pairs,
