@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -227,8 +228,6 @@ def _load_pickle_free(uri: str) -> nn.Module:
     """mlflow.pytorch.load_model with MLflow's MLFLOW_ALLOW_PICKLE_DESERIALIZATION off for
     the call: a pt2 archive is checked to be pickle-free and a pickled model (anyone with
     write access to the artifacts could have put one there) is refused before it loads."""
-    import os
-
     import mlflow
     from mlflow.exceptions import MlflowException
 
