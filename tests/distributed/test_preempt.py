@@ -50,9 +50,10 @@ def _run(nproc: int, params: Path) -> subprocess.CompletedProcess:
     return proc
 
 
-def _steps_done(work: Path) -> int:
+def _progress(ckpt: Path) -> int:
+    """Steps done, from the checkpoint directory's progress file (0 before it exists)."""
     try:
-        return int((work / "ckpt" / "progress").read_text().strip() or 0)
+        return int((ckpt / "progress").read_text().strip() or 0)
     except (OSError, ValueError):
         return 0
 
@@ -63,9 +64,9 @@ def _preempt(nproc: int, params: Path, work: Path, target=None) -> tuple[str, in
     proc = subprocess.Popen(_cmd(nproc, params), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
     deadline = time.monotonic() + 240  # a hang guard; the loop waits for the condition
-    while proc.poll() is None and _steps_done(work) < 3 and time.monotonic() < deadline:
+    while proc.poll() is None and _progress(work / "ckpt") < 3 and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert proc.poll() is None and _steps_done(work) >= 3, "run ended before the signal"
+    assert proc.poll() is None and _progress(work / "ckpt") >= 3, "run ended before the signal"
     (target(proc) if target else psutil.Process(proc.pid)).send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-4000:]
@@ -146,13 +147,6 @@ def test_sigterm_to_one_worker_stops_every_rank_then_resumes_on_one_process(
     assert "rank 0 exit 143, rank 1 exit 143" in err, err[-3000:]
     _resume(1, params, step)  # 2 -> 1: an elastic scale-down
     _assert_close(ref, _weights(tmp_path), rel=1e-5)
-
-
-def _progress(ckpt: Path) -> int:
-    try:
-        return int((ckpt / "progress").read_text().strip() or 0)
-    except (OSError, ValueError):
-        return 0
 
 
 def test_sigterm_to_cnnflow_launch_train_stops_every_node_of_a_local_trainjob(
